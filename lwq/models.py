@@ -1,0 +1,67 @@
+"""Loading Hugging Face causal LMs from local directories, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lwq.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def check_model_dir(path: Path, setting: str = "--model") -> None:
+    """Fail early, naming the setting, when ``path`` is not a loadable model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"{setting} {path}: no such directory (models load from local "
+            "directories; download one first with the tools of your hub)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{setting} {path}: no config.json, not a Hugging Face model directory"
+        )
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        raise ModelLoadError(
+            f"{setting} {path}: no weights (*.safetensors or pytorch_model*.bin) in the directory"
+        )
+
+
+def load_model_dir(
+    path: Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    setting: str = "--model",
+) -> tuple[PreTrainedModel, Any]:
+    """Load model and tokenizer from ``path``; compute dtype float32 by default.
+
+    On CPU, bfloat16/float16 matmuls are hundreds of times slower than float32,
+    so the checkpoint's own dtype is only used for storage.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_dir(path, setting)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{setting} {path}: cannot load its tokenizer: {err}") from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"{setting} {path}: cannot load the model: {err}") from err
+    embedding: torch.Tensor = model.get_input_embeddings().weight  # type: ignore[assignment]
+    n_embed = embedding.shape[0]
+    if len(tokenizer) > n_embed:
+        raise ModelLoadError(
+            f"{setting} {path}: the tokenizer has {len(tokenizer)} tokens but the model's "
+            f"embedding only {n_embed}: the tokenizer does not belong to this model"
+        )
+    model.eval()
+    model.to(device)  # type: ignore[arg-type]
+    return model, tokenizer
