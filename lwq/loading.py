@@ -1,0 +1,160 @@
+"""A causal LM whose decoder blocks are loaded one at a time.
+
+The model is built on the meta device (buffers such as rotary frequencies are
+real), the non-block parameters (embeddings, final norm, head) are loaded, and
+each block's parameters are read from the memory-mapped safetensors files only
+while the block is being processed. A model larger than RAM can be quantized
+this way: peak memory is the non-block parameters, one block in float32, and
+the calibration activations of one block.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lwq.adapters import ModelAdapter, adapter_for
+from lwq.errors import ModelLoadError
+from lwq.models import check_model_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+class SafetensorsIndex:
+    """Maps tensor names to the (memory-mapped) safetensors file that holds them."""
+
+    def __init__(self, path: Path) -> None:
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise ModelLoadError(
+                    f"--model {path}: lazy loading needs safetensors weights; convert "
+                    "pytorch_model.bin with save_pretrained(safe_serialization=True)"
+                )
+            weight_map = {}
+            for f in files:
+                weight_map.update(dict.fromkeys(_keys(f), f.name))
+        self.path = path
+        self.weight_map = weight_map
+        self._stack = ExitStack()
+        self._handles: dict[str, Any] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        fname = self.weight_map[key]
+        if fname not in self._handles:
+            self._handles[fname] = self._stack.enter_context(
+                safe_open(str(self.path / fname), framework="pt")
+            )
+        return self._handles[fname].get_tensor(key)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+
+def _keys(f: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as h:
+        return list(h.keys())
+
+
+class LazyCausalLM:
+    """A Hugging Face causal LM with its decoder blocks loaded on demand."""
+
+    def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        check_model_dir(path)
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        config = AutoConfig.from_pretrained(path)
+        self.adapter: ModelAdapter = adapter_for(config.model_type)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model: PreTrainedModel = model.eval()
+        self.index = SafetensorsIndex(self.path)
+        self.blocks = self.adapter.get_blocks(model)
+        self._block_prefix = self.adapter.blocks + "."
+        self._load_params(
+            [n for n, _ in model.named_parameters() if not n.startswith(self._block_prefix)]
+        )
+        for name, buf in model.named_buffers():  # rotary frequencies etc.
+            if not name.startswith(self._block_prefix):
+                _set_tensor(model, name, buf.to(self.device))
+
+    def _ckpt_key(self, name: str) -> str | None:
+        if name in self.index:
+            return name
+        # Checkpoints saved from the base model lack its prefix (old GPT-2 files).
+        prefix = getattr(self.model, "base_model_prefix", "")
+        stripped = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else None
+        return stripped if stripped is not None and stripped in self.index else None
+
+    def _load_params(self, names: list[str]) -> None:
+        tied: dict[str, str] = getattr(self.model, "_tied_weights_keys", None) or {}
+        if not isinstance(tied, dict):
+            tied = {}
+        deferred = []
+        for name in names:
+            key = self._ckpt_key(name)
+            if key is None:
+                if name in tied:
+                    deferred.append(name)
+                    continue
+                raise ModelLoadError(f"--model {self.path}: the checkpoint has no tensor {name}")
+            value = self.index.get(key).to(device=self.device, dtype=self.dtype)
+            _set_tensor(self.model, name, nn.Parameter(value, requires_grad=False))
+        for name in deferred:  # tied weights share their source parameter
+            _set_tensor(self.model, name, self.model.get_parameter(tied[name]))
+
+    def load_block(self, i: int) -> nn.Module:
+        """Read block ``i``'s parameters from disk (float32, on the device)."""
+        prefix = f"{self._block_prefix}{i}."
+        names = [prefix + n for n, _ in self.blocks[i].named_parameters()]
+        self._load_params(names)
+        for n, buf in self.blocks[i].named_buffers():
+            _set_tensor(self.model, prefix + n, buf.to(self.device))
+        return self.blocks[i]
+
+    def unload_block(self, i: int) -> None:
+        """Drop block ``i``'s parameters (back to the meta device)."""
+        self.blocks[i].to("meta")
+
+    @contextmanager
+    def block(self, i: int) -> Iterator[nn.Module]:
+        try:
+            yield self.load_block(i)
+        finally:
+            self.unload_block(i)
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if isinstance(value, nn.Parameter) or attr in owner._parameters:
+        owner._parameters[attr] = (
+            value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        )
+    else:
+        owner._buffers[attr] = value

@@ -1,0 +1,231 @@
+"""Calibration statistics: each quantizable layer's input Hessian, block by block.
+
+H = 2 X X^T / N (GPTQ's proxy, X the layer inputs of N calibration tokens) is
+accumulated in float32 by forward pre-hooks that one context manager owns and
+always removes. The driver walks the decoder blocks in order and holds only
+the current block's activations:
+
+- ``parallel``: every block's inputs come from the full-precision model, so
+  every layer's Hessian is independent of how the others are quantized;
+- ``sequential``: each block sees the outputs of the blocks before it *after*
+  they were quantized (GPTQ's order), which is more accurate, not parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lwq.adapters import ModelAdapter
+from lwq.calibration import CalibrationSet
+from lwq.errors import LwqError
+
+Mode = Literal["parallel", "sequential"]
+
+
+class NumericalError(LwqError):
+    """NaN or inf in activations or statistics; the message names the layer."""
+
+
+@dataclass(frozen=True)
+class HessianState:
+    """Running mean of 2 x x^T over ``n_tokens`` input rows: H is (d_in, d_in)."""
+
+    H: torch.Tensor
+    n_tokens: int
+
+
+def accumulate_hessian(state: HessianState | None, x: torch.Tensor) -> HessianState:
+    """Fold the rows of ``x`` (..., d_in) into ``state``; returns the new state.
+
+    The running mean keeps H at the scale of 2 X X^T / N at every step, so
+    float32 does not overflow on long calibration sets. H is updated in place.
+    """
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (m, d_in)
+    m = x.shape[0]
+    if state is None:
+        H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        n = 0
+    else:
+        H, n = state.H, state.n_tokens
+    H.mul_(n / (n + m))
+    H.addmm_(x.t(), x, alpha=2.0 / (n + m))
+    return HessianState(H, n + m)
+
+
+class HessianHooks(AbstractContextManager["HessianHooks"]):
+    """Forward pre-hooks that accumulate the input Hessian of each given module.
+
+    ``modules`` maps a key to a module; modules sharing one input (q, k, v)
+    need only one entry. The hooks are removed on exit, whatever happens.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.states: dict[str, HessianState | None] = dict.fromkeys(modules)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> HessianHooks:
+        for key, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(key)))
+        return self
+
+    def _hook(self, key: str) -> Any:
+        def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            self.states[key] = accumulate_hessian(self.states[key], args[0].detach())
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def result(self) -> dict[str, HessianState]:
+        out = {}
+        for key, state in self.states.items():
+            if state is None:
+                raise LwqError(f"layer {key} saw no input during calibration")
+            if not torch.isfinite(state.H).all():
+                raise NumericalError(
+                    f"the input Hessian of {key} has NaN or inf entries: the model's "
+                    "activations overflow; check its weights or use fewer/shorter samples"
+                )
+            out[key] = state
+        return out
+
+
+class BlockSource(Protocol):
+    """A model whose decoder blocks can be loaded one at a time."""
+
+    model: Any
+    adapter: ModelAdapter
+    device: torch.device
+
+    def block(self, i: int) -> AbstractContextManager[nn.Module]: ...
+
+
+class InMemoryCausalLM:
+    """``BlockSource`` over a model that is already fully in memory."""
+
+    def __init__(self, model: Any, adapter: ModelAdapter) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.device = next(model.parameters()).device
+
+    @contextmanager
+    def block(self, i: int) -> Iterator[nn.Module]:
+        yield self.adapter.get_blocks(self.model)[i]
+
+
+@dataclass
+class BlockInputs:
+    """What each calibration batch feeds the current block: (b, T, d) + extras."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple[Any, ...]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _InputRecorder(nn.Module):
+    """Stands in for a decoder block: records its inputs, passes them through."""
+
+    def __init__(self, sink: BlockInputs | None) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.sink is not None:
+            self.sink.hidden.append(hidden_states.detach())
+            self.sink.args.append(args)
+            self.sink.kwargs.append(kwargs)
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_block_inputs(source: BlockSource, batches: list[torch.Tensor]) -> BlockInputs:
+    """Run the model with every block replaced by a pass-through recorder.
+
+    Only the embeddings (and the cheap final norm/head) compute; what block 0
+    receives (hidden states, attention mask, rotary embeddings...) is kept.
+    """
+    blocks = source.adapter.get_blocks(source.model)
+    originals = list(blocks)
+    sink = BlockInputs(hidden=[])
+    try:
+        for i in range(len(blocks)):
+            blocks[i] = _InputRecorder(sink if i == 0 else None)
+        for batch in batches:
+            source.model(input_ids=batch.to(source.device), use_cache=False)
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return sink
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's outputs for every batch: list of (b, T, d)."""
+    return [block(h, *a, **kw) for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """One decoder block, loaded, with the input Hessian of each of its layers."""
+
+    index: int
+    block: nn.Module
+    layers: dict[str, nn.Module]  # full layer name -> module
+    hessians: dict[str, torch.Tensor]  # full layer name -> (d_in, d_in); shared per input group
+    n_tokens: int
+
+
+def iter_block_stats(
+    source: BlockSource,
+    calib: CalibrationSet,
+    mode: Mode = "parallel",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Iterator[BlockStats]:
+    """Yield each block with its layers' Hessians, first block first.
+
+    The consumer may change the block's weights (quantize them) before asking
+    for the next block: in ``sequential`` mode the next block then sees the
+    changed block's outputs; in ``parallel`` mode it sees full-precision ones.
+    """
+    if mode not in ("parallel", "sequential"):
+        raise LwqError(f"calibration mode must be 'parallel' or 'sequential', not {mode!r}")
+    adapter = source.adapter
+    inputs = capture_block_inputs(source, calib.batches(batch_size))
+    n_blocks = len(adapter.get_blocks(source.model))
+    for i in tqdm(range(n_blocks), desc=f"blocks ({mode})", disable=not progress, unit="block"):
+        with source.block(i) as block:
+            linears = adapter.block_linears(block)
+            prefix = f"{adapter.blocks}.{i}."
+            leaders = {prefix + g[0]: linears[g[0]] for g in adapter.input_groups}
+            with HessianHooks(leaders) as hooks:
+                outputs = run_block(block, inputs)  # full-precision outputs
+            states = hooks.result()
+            hessians = {}
+            for group in adapter.input_groups:
+                for name in group:
+                    hessians[prefix + name] = states[prefix + group[0]].H
+            for out in outputs:
+                if not torch.isfinite(out).all():
+                    raise NumericalError(f"block {i} produced NaN or inf activations")
+            yield BlockStats(
+                index=i,
+                block=block,
+                layers={prefix + n: m for n, m in linears.items()},
+                hessians=hessians,
+                n_tokens=states[prefix + adapter.input_groups[0][0]].n_tokens,
+            )
+            if mode == "sequential":
+                outputs = run_block(block, inputs)  # after the consumer quantized it
+        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)

@@ -1,0 +1,67 @@
+"""Adapters on tiny random models of every family and on the zoo models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import TINY_TYPES, tiny_model
+
+from conftest import ZOO, ZOO_MODELS
+from lwq.adapters import adapter_for
+from lwq.errors import ConfigError
+from lwq.models import load_model_dir
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_adapter_finds_every_linear_of_every_block(model_type: str) -> None:
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config.model_type)
+    layers = dict(adapter.iter_layers(model))
+    assert list(layers) == adapter.layer_names(model)
+    assert len(layers) == len(adapter.get_blocks(model)) * len(adapter.linears)
+    # Every 2-D weight inside the blocks is covered: nothing quantizable is missed.
+    blocks = adapter.get_blocks(model)
+    covered = {id(m.weight) for m in layers.values()}
+    for name, p in blocks.named_parameters():
+        if p.dim() == 2:
+            assert id(p) in covered, name
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_weight_round_trip_and_effect(model_type: str) -> None:
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config.model_type)
+    ids = torch.randint(0, 96, (1, 16))
+    before = model(input_ids=ids).logits
+    name, mod = next(adapter.iter_layers(model))
+    w = adapter.read_weight(mod)
+    assert w.shape == adapter.shape(mod)
+    adapter.write_weight(mod, w)
+    assert torch.equal(model(input_ids=ids).logits, before)
+    # A (d_out, d_in) write must act on the layer's *input* dimension: zeroing
+    # input column 0 must equal zeroing that feature of the layer's input.
+    w0 = w.clone()
+    w0[:, 0] = 0
+    adapter.write_weight(mod, w0)
+    x = torch.randn(3, w.shape[1])
+    if adapter.transposed:
+        y = x @ mod.weight + mod.bias
+    else:
+        y = torch.nn.functional.linear(x, mod.weight, getattr(mod, "bias", None))
+    x0 = x.clone()
+    x0[:, 0] = 0
+    torch.testing.assert_close(y, x0 @ w.t() + (mod.bias if mod.bias is not None else 0))
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_zoo_models_have_adapters(name: str) -> None:
+    model, _ = load_model_dir(ZOO / name)
+    adapter = adapter_for(model.config.model_type)
+    shapes = [adapter.shape(m) for _, m in adapter.iter_layers(model)]
+    assert len(shapes) == 6 * len(adapter.linears)
+    assert all(d_in % 128 == 0 for _, d_in in shapes)
+
+
+def test_unsupported_architecture_lists_the_supported_ones() -> None:
+    with pytest.raises(ConfigError, match=r"'bert' is not supported.*gpt2.*llama.*opt"):
+        adapter_for("bert")

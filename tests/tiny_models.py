@@ -1,0 +1,68 @@
+"""Tiny randomly initialised models, one per supported family, built from configs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+VOCAB = 96
+
+
+def tiny_config(model_type: str) -> PretrainedConfig:
+    common = {"vocab_size": VOCAB, "max_position_embeddings": 64}
+    llama_like = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        **common,
+    }
+    if model_type == "llama":
+        return LlamaConfig(**llama_like)
+    if model_type == "mistral":
+        return MistralConfig(**llama_like)
+    if model_type == "qwen2":
+        return Qwen2Config(**llama_like)
+    if model_type == "opt":
+        return OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            **common,
+        )
+    if model_type == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=128
+        )
+    if model_type == "gpt_neox":
+        return GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            **common,
+        )
+    raise KeyError(model_type)
+
+
+def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+TINY_TYPES = ("llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox")
