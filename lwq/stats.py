@@ -172,7 +172,10 @@ def capture_block_inputs(source: BlockSource, batches: list[torch.Tensor]) -> Bl
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     """The block's outputs for every batch: list of (b, T, d)."""
-    return [block(h, *a, **kw) for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+    return [
+        block(h, *a, **kw)
+        for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
+    ]
 
 
 @dataclass(frozen=True)

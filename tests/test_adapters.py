@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
-from tiny_models import TINY_TYPES, tiny_model
-
 from conftest import ZOO, ZOO_MODELS
+from tiny_models import TINY_TYPES, tiny_model
+from torch import nn
+
 from lwq.adapters import adapter_for
 from lwq.errors import ConfigError
 from lwq.models import load_model_dir
@@ -33,7 +36,7 @@ def test_weight_round_trip_and_effect(model_type: str) -> None:
     adapter = adapter_for(model.config.model_type)
     ids = torch.randint(0, 96, (1, 16))
     before = model(input_ids=ids).logits
-    name, mod = next(adapter.iter_layers(model))
+    _, mod = next(adapter.iter_layers(model))
     w = adapter.read_weight(mod)
     assert w.shape == adapter.shape(mod)
     adapter.write_weight(mod, w)
@@ -44,13 +47,13 @@ def test_weight_round_trip_and_effect(model_type: str) -> None:
     w0[:, 0] = 0
     adapter.write_weight(mod, w0)
     x = torch.randn(3, w.shape[1])
-    if adapter.transposed:
-        y = x @ mod.weight + mod.bias
-    else:
-        y = torch.nn.functional.linear(x, mod.weight, getattr(mod, "bias", None))
+    weight = cast(torch.Tensor, mod.weight)
+    bias = cast("torch.Tensor | None", getattr(mod, "bias", None))
+    bias_or_zero = bias if bias is not None else torch.zeros(())
+    y = x @ weight + bias_or_zero if adapter.transposed else nn.functional.linear(x, weight, bias)
     x0 = x.clone()
     x0[:, 0] = 0
-    torch.testing.assert_close(y, x0 @ w.t() + (mod.bias if mod.bias is not None else 0))
+    torch.testing.assert_close(y, x0 @ w.t() + bias_or_zero)
 
 
 @pytest.mark.parametrize("name", ZOO_MODELS)

@@ -26,7 +26,7 @@ def _calib(n: int = 6, t: int = 16, seed: int = 0) -> CalibrationSet:
 
 
 def _reference_hessians(model: torch.nn.Module, calib: CalibrationSet) -> dict[str, torch.Tensor]:
-    adapter = adapter_for(model.config.model_type)  # type: ignore[union-attr]
+    adapter = adapter_for(str(model.config.model_type))
     layers = dict(adapter.iter_layers(model))
     with HessianHooks(layers) as hooks, torch.no_grad():
         model(input_ids=calib.input_ids, use_cache=False)
