@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -19,8 +21,8 @@ VOCAB = 96
 
 
 def tiny_config(model_type: str) -> PretrainedConfig:
-    common = {"vocab_size": VOCAB, "max_position_embeddings": 64}
-    llama_like = {
+    common: dict[str, Any] = {"vocab_size": VOCAB, "max_position_embeddings": 64}
+    llama_like: dict[str, Any] = {
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
