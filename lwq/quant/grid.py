@@ -1,0 +1,96 @@
+"""Uniform integer grids per (row, group of input columns).
+
+A grid of ``bits`` bits maps w to the code q = clamp(round(w / s) + z, 0, 2^b - 1)
+and back to s * (q - z). Scales are rounded to float16 when they are computed,
+because that is how the packed format stores them: dequantising a packed
+checkpoint then gives exactly the weights that were evaluated.
+
+Groups are consecutive runs of ``group_size`` input columns; when the group
+size does not divide d_in, the last group of each row is shorter (its scale
+and zero are stored like any other). ``group_size = -1`` means one group per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lwq.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits={self.bits} is not supported: choose one of {SUPPORTED_BITS}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ConfigError(
+                f"group_size={self.group_size}: use a positive number of input columns "
+                "(64 or 128 are usual) or -1 for one group per row"
+            )
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def group_len(self, d_in: int) -> int:
+        return d_in if self.group_size == -1 else self.group_size
+
+    def n_groups(self, d_in: int) -> int:
+        g = self.group_len(d_in)
+        return (d_in + g - 1) // g
+
+    def group_index(self, d_in: int, device: torch.device | None = None) -> torch.Tensor:
+        """g_idx: the group of each input column, (d_in,) long."""
+        return torch.arange(d_in, device=device) // self.group_len(d_in)
+
+
+def grid_params(
+    w: torch.Tensor, spec: GridSpec, select: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero of each row of ``w`` (d_out, g) -> (d_out,), (d_out,).
+
+    ``select`` (d_out, g) bool restricts the range to the selected weights (the
+    two grids of a masked layer); a row with nothing selected gets scale 1,
+    zero 0, which no weight uses. As in GPTQ, the range always contains 0.
+    """
+    if select is None:
+        lo, hi = w.min(dim=1).values, w.max(dim=1).values
+    else:
+        inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
+        lo = torch.where(select, w, inf).min(dim=1).values
+        hi = torch.where(select, w, -inf).max(dim=1).values
+        empty = ~select.any(dim=1)
+        lo = torch.where(empty, torch.zeros_like(lo), lo)
+        hi = torch.where(empty, torch.zeros_like(hi), hi)
+    xmin = lo.clamp(max=0.0)
+    xmax = hi.clamp(min=0.0)
+    if spec.symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = xmax == xmin
+    xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(flat, torch.ones_like(xmax), xmax)
+    scale = ((xmax - xmin) / spec.maxq).to(torch.float16).to(torch.float32)
+    scale = scale.clamp(min=torch.finfo(torch.float16).tiny)
+    if spec.symmetric:
+        zero = torch.full_like(scale, (spec.maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, spec.maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (same shape as w, float dtype) for broadcastable scale/zero."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
