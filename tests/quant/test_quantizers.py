@@ -111,7 +111,7 @@ def test_dead_inputs_get_zero_weight() -> None:
 
 
 def test_hessian_that_cannot_be_inverted_names_the_layer() -> None:
-    with pytest.raises(NumericalError, match="blocks.3.mlp"):
+    with pytest.raises(NumericalError, match=r"blocks\.3\.mlp"):
         gptq_quantize(torch.randn(4, 8), -torch.eye(8), GridSpec(4, 8), name="blocks.3.mlp")
     H = torch.eye(8)
     H[0, 0] = float("nan")
