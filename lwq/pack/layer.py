@@ -1,0 +1,188 @@
+"""One quantized layer as bytes: the sections of packed format v1.
+
+A layer is a sequence of byte-aligned sections, concatenated:
+
+=============  =============================================================
+codes_lo       b_lo-bit codes of the weights not in the mask, row-major
+codes_hi       b_hi-bit codes of the masked (high-impact) weights, row-major
+scales         float16 scale per (row, group) of the low grid
+zeros          b_lo-bit zero point per (row, group); absent when symmetric
+mask           the high-impact map, 1 bit per weight ("bitmap" encoding)
+hi_scales      float16 scale of the high grid, only for the (row, group)
+               pairs that hold at least one masked weight
+hi_zeros       b_hi-bit zero points of those pairs; absent when symmetric
+=============  =============================================================
+
+``payload_nbytes`` computes the same byte count from the layer's shape and
+settings alone; it is the cost model, and a test holds it equal to what
+``pack_layer`` writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lwq.pack.bits import pack_bits, packed_nbytes, unpack_bits
+from lwq.quant.grid import GridSpec
+from lwq.quant.types import QuantizedWeight
+
+FORMAT_VERSION = 1
+MASK_ENCODINGS = ("bitmap",)
+
+
+def payload_nbytes(
+    d_out: int,
+    d_in: int,
+    lo: GridSpec,
+    hi: GridSpec | None = None,
+    n_hi: int = 0,
+    n_hi_groups: int = 0,
+    mask_encoding: str = "bitmap",
+) -> int:
+    """Bytes of one packed layer: the cost model of the format."""
+    n = d_out * d_in
+    n_groups = d_out * lo.n_groups(d_in)
+    total = packed_nbytes(n - n_hi, lo.bits) + 2 * n_groups
+    if not lo.symmetric:
+        total += packed_nbytes(n_groups, lo.bits)
+    if hi is not None:
+        assert mask_encoding in MASK_ENCODINGS
+        total += packed_nbytes(n_hi, hi.bits) + packed_nbytes(n, 1)
+        total += 2 * n_hi_groups
+        if not hi.symmetric:
+            total += packed_nbytes(n_hi_groups, hi.bits)
+    return total
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """A quantized layer as stored: one uint8 blob and its section table."""
+
+    name: str
+    shape: tuple[int, int]  # (d_out, d_in)
+    lo: GridSpec
+    hi: GridSpec | None
+    n_hi: int  # masked weights
+    n_hi_groups: int  # (row, group) pairs with a high grid
+    data: torch.Tensor  # (nbytes,) uint8
+    sections: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (offset, len)
+    mask_encoding: str | None = None
+    version: int = FORMAT_VERSION
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.numel())
+
+    @property
+    def n_weights(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def section(self, name: str) -> torch.Tensor:
+        off, length = self.sections[name]
+        return self.data[off : off + length]
+
+    def meta(self) -> dict[str, object]:
+        """What the manifest records of this layer (everything but the bytes)."""
+        return {
+            "shape": list(self.shape),
+            "lo": _grid_meta(self.lo),
+            "hi": None if self.hi is None else _grid_meta(self.hi),
+            "n_hi": self.n_hi,
+            "n_hi_groups": self.n_hi_groups,
+            "mask_encoding": self.mask_encoding,
+            "sections": {k: list(v) for k, v in self.sections.items()},
+            "nbytes": self.nbytes,
+        }
+
+
+def _grid_meta(g: GridSpec) -> dict[str, object]:
+    return {"bits": g.bits, "group_size": g.group_size, "symmetric": g.symmetric}
+
+
+def grid_from_meta(meta: dict[str, object]) -> GridSpec:
+    return GridSpec(int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]))  # type: ignore[call-overload]
+
+
+def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).contiguous().reshape(-1).view(torch.uint8)
+
+
+def _from_fp16_bytes(b: torch.Tensor) -> torch.Tensor:
+    return b.clone().view(torch.float16).to(torch.float32)  # clone: offset may be odd
+
+
+def pack_layer(name: str, qw: QuantizedWeight) -> PackedLayer:
+    d_out, d_in = qw.shape
+    lo, hi = qw.lo, qw.hi
+    parts: list[tuple[str, torch.Tensor]] = []
+    codes = qw.codes.cpu()
+    if qw.mask is None:
+        parts.append(("codes_lo", pack_bits(codes.reshape(-1), lo.bits)))
+    else:
+        mask = qw.mask.cpu()
+        parts.append(("codes_lo", pack_bits(codes[~mask], lo.bits)))
+        assert hi is not None
+        parts.append(("codes_hi", pack_bits(codes[mask], hi.bits)))
+    parts.append(("scales", _fp16_bytes(qw.scales.cpu())))
+    if not lo.symmetric:
+        parts.append(("zeros", pack_bits(qw.zeros.cpu().reshape(-1), lo.bits)))
+    n_hi = n_hi_groups = 0
+    encoding = None
+    if qw.mask is not None:
+        assert hi is not None and qw.hi_scales is not None and qw.hi_zeros is not None
+        mask = qw.mask.cpu()
+        n_hi = int(mask.sum())
+        encoding = "bitmap"
+        parts.append(("mask", pack_bits(mask.reshape(-1), 1)))
+        active = _active_groups(mask, hi)  # (d_out, n_groups) bool
+        n_hi_groups = int(active.sum())
+        parts.append(("hi_scales", _fp16_bytes(qw.hi_scales.cpu()[active])))
+        if not hi.symmetric:
+            parts.append(("hi_zeros", pack_bits(qw.hi_zeros.cpu()[active], hi.bits)))
+    sections, offset = {}, 0
+    for key, blob in parts:
+        sections[key] = (offset, int(blob.numel()))
+        offset += int(blob.numel())
+    data = torch.cat([b for _, b in parts])
+    return PackedLayer(name, (d_out, d_in), lo, hi, n_hi, n_hi_groups, data, sections, encoding)
+
+
+def _active_groups(mask: torch.Tensor, grid: GridSpec) -> torch.Tensor:
+    """(d_out, n_groups): does the (row, group) hold any masked weight?"""
+    d_out, d_in = mask.shape
+    g = grid.group_index(d_in)
+    active = torch.zeros(d_out, grid.n_groups(d_in), dtype=torch.bool)
+    active.index_reduce_(1, g, mask, "amax")
+    return active
+
+
+def unpack_layer(p: PackedLayer) -> QuantizedWeight:
+    """Rebuild the exact ``QuantizedWeight`` that was packed."""
+    d_out, d_in = p.shape
+    n = d_out * d_in
+    lo, hi = p.lo, p.hi
+    n_groups = lo.n_groups(d_in)
+    scales = _from_fp16_bytes(p.section("scales")).view(d_out, n_groups)
+    if lo.symmetric:
+        zeros = torch.full_like(scales, (lo.maxq + 1) // 2)
+    else:
+        zeros = unpack_bits(p.section("zeros"), lo.bits, d_out * n_groups).float()
+        zeros = zeros.view(d_out, n_groups)
+    if hi is None:
+        codes = unpack_bits(p.section("codes_lo"), lo.bits, n).view(d_out, d_in)
+        return QuantizedWeight(lo, codes, scales, zeros)
+    mask = unpack_bits(p.section("mask"), 1, n).view(d_out, d_in).bool()
+    codes = torch.empty(d_out, d_in, dtype=torch.uint8)
+    codes[~mask] = unpack_bits(p.section("codes_lo"), lo.bits, n - p.n_hi)
+    codes[mask] = unpack_bits(p.section("codes_hi"), hi.bits, p.n_hi)
+    active = _active_groups(mask, hi)
+    hi_scales = torch.ones(d_out, hi.n_groups(d_in))
+    hi_zeros = torch.zeros_like(hi_scales)
+    hi_scales[active] = _from_fp16_bytes(p.section("hi_scales"))
+    if hi.symmetric:
+        hi_zeros[:] = (hi.maxq + 1) // 2
+    else:
+        hi_zeros[active] = unpack_bits(p.section("hi_zeros"), hi.bits, p.n_hi_groups).float()
+    return QuantizedWeight(lo, codes, scales, zeros, hi, mask, hi_scales, hi_zeros)

@@ -1,0 +1,50 @@
+"""Packing a layer: exact round trips, and the cost model equals the bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lwq.pack.layer import pack_layer, payload_nbytes, unpack_layer
+from lwq.quant.grid import GridSpec
+from lwq.quant.rtn import rtn_quantize
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 100, -1])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_single_grid_round_trip(bits: int, group_size: int, symmetric: bool) -> None:
+    W = torch.randn(24, 200)
+    qw = rtn_quantize(W, GridSpec(bits, group_size, symmetric))
+    p = pack_layer("l", qw)
+    back = unpack_layer(p)
+    assert torch.equal(back.codes, qw.codes)
+    assert torch.equal(back.scales, qw.scales)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    assert p.nbytes == payload_nbytes(24, 200, qw.lo)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.004, 0.05, 0.3])
+@pytest.mark.parametrize("lo_bits,hi_bits", [(2, 4), (3, 8), (2, 3)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_two_grid_round_trip(ratio: float, lo_bits: int, hi_bits: int, symmetric: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(32, 256, generator=gen)
+    mask = torch.rand(32, 256, generator=gen) < ratio
+    lo, hi = GridSpec(lo_bits, 64, symmetric), GridSpec(hi_bits, 64, symmetric)
+    qw = rtn_quantize(W, lo, mask, hi)
+    p = pack_layer("l", qw)
+    back = unpack_layer(p)
+    assert back.mask is not None and torch.equal(back.mask, mask)
+    assert torch.equal(back.codes, qw.codes)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    assert p.n_hi == int(mask.sum())
+    expected = payload_nbytes(32, 256, lo, hi, p.n_hi, p.n_hi_groups, "bitmap")
+    assert p.nbytes == expected
+    assert p.meta()["nbytes"] == expected
+
+
+def test_bits_per_weight_of_plain_w4_g128() -> None:
+    # 4-bit codes + fp16 scale + 4-bit zero per 128 weights = 4 + 20/128 bits.
+    p = pack_layer("l", rtn_quantize(torch.randn(256, 512), GridSpec(4, 128)))
+    assert p.nbytes * 8 / p.n_weights == pytest.approx(4 + 20 / 128)
