@@ -152,10 +152,9 @@ def pack_layer(name: str, qw: QuantizedWeight) -> PackedLayer:
 def _active_groups(mask: torch.Tensor, grid: GridSpec) -> torch.Tensor:
     """(d_out, n_groups): does the (row, group) hold any masked weight?"""
     d_out, d_in = mask.shape
-    g = grid.group_index(d_in)
-    active = torch.zeros(d_out, grid.n_groups(d_in), dtype=torch.bool)
-    active.index_reduce_(1, g, mask, "amax")
-    return active
+    g, n_groups = grid.group_len(d_in), grid.n_groups(d_in)
+    padded = torch.nn.functional.pad(mask, (0, n_groups * g - d_in))  # short last group
+    return padded.view(d_out, n_groups, g).any(dim=2)
 
 
 def unpack_layer(p: PackedLayer) -> QuantizedWeight:
