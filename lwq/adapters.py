@@ -11,6 +11,7 @@ Weights are always handed out as (d_out, d_in) matrices, the layout of
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,6 +30,14 @@ class ModelAdapter:
     # input: layers in one group see the same X, hence the same Hessian.
     input_groups: tuple[tuple[str, ...], ...]
     transposed: bool = False  # weight stored as (d_in, d_out)
+    # (regex on checkpoint key, replacement) for tensors whose file name differs
+    # from the module name (transformers renames them on load).
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
+    def model_key(self, checkpoint_key: str) -> str:
+        for pattern, repl in self.checkpoint_renames:
+            checkpoint_key = re.sub(pattern, repl, checkpoint_key)
+        return checkpoint_key
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -121,6 +130,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             ("mlp.dense_h_to_4h",),
             ("mlp.dense_4h_to_h",),
         ),
+        checkpoint_renames=((r"^embed_out\.", "lm_head."),),
     ),
 )
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lwq.errors import LwqError
 
@@ -45,12 +47,22 @@ def _cmd_zoo_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _load_any(path: Path) -> tuple[Any, Any]:
+    """A packed lwq checkpoint or a plain Hugging Face model directory."""
+    from lwq.models import load_model_dir
+    from lwq.pack.checkpoint import MANIFEST, load_quantized
+
+    if (path / MANIFEST).is_file():
+        model, tokenizer, _ = load_quantized(path)
+        return model, tokenizer
+    return load_model_dir(path)
+
+
 def _cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from lwq.eval.perplexity import perplexity_of_text
-    from lwq.models import load_model_dir
     from lwq.textio import read_text
 
-    model, tokenizer = load_model_dir(args.model)
+    model, tokenizer = _load_any(args.model)
     text = read_text(args.data)
     seq_len = args.seq_len or int(getattr(model.config, "max_position_embeddings", 2048))
     res = perplexity_of_text(model, tokenizer, text, seq_len, args.batch_size, progress=True)
@@ -58,6 +70,82 @@ def _cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"{args.model}: perplexity {res.perplexity:.4f} on {args.data} "
         f"({res.n_tokens:,} predicted tokens, {res.n_windows} windows of {res.seq_len})"
     )
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lwq.config import load_config, with_overrides
+    from lwq.quantize import quantize
+
+    config = with_overrides(
+        load_config(args.config),
+        {
+            "model": None if args.model is None else str(args.model),
+            "out": None if args.out is None else str(args.out),
+            "overwrite": True if args.overwrite else None,
+            "device": args.device,
+            "calib.source": args.calib,
+            "calib.n_samples": args.n_samples,
+            "calib.seq_len": args.seq_len,
+            "calib.seed": args.seed,
+            "calib.mode": args.mode,
+            "quant.method": args.method,
+            "quant.bits": args.bits,
+            "quant.group_size": args.group_size,
+            "quant.symmetric": True if args.symmetric else None,
+            "gptq.act_order": True if args.act_order else None,
+            "gptq.damp": args.damp,
+        },
+    )
+    report = quantize(config, progress=not args.quiet)
+    bits = report.manifest["bits"]
+    print(f"checkpoint: {report.out}")
+    print(
+        f"{len(report.layers)} layers quantized ({config.quant.method}, {config.quant.bits}-bit, "
+        f"group {config.quant.group_size}) in {report.seconds:.1f} s"
+    )
+    print(
+        f"bits per quantized weight: {bits['from_bytes']:.4f} measured from the files "
+        f"({bits['from_model']:.4f} by the cost model)"
+    )
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lwq.pack.checkpoint import read_manifest
+
+    m = read_manifest(args.checkpoint, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    q, bits = m["quantization"], m["bits"]
+    print(
+        f"{args.checkpoint}: {m['format']} v{m['format_version']}, "
+        f"{m['config'].get('model_type')} ({len(m['layers'])} quantized layers)"
+    )
+    print(
+        f"base model: {m['base_model']['path']} (weights sha256 "
+        f"{m['base_model']['weights_sha256'][:16]}...)"
+    )
+    print(f"method: {q['method']}; calibration: {q['calibration']}")
+    print(
+        f"bits per quantized weight: {bits['from_bytes']:.4f} from bytes, "
+        f"{bits['from_model']:.4f} from the cost model, over {bits['n_quantized_weights']:,} "
+        f"weights; unquantized tensors {bits['unquantized_bytes']:,} bytes; total "
+        f"{bits['total_bytes']:,} bytes"
+    )
+    print("files verified against their SHA-256" if not args.no_verify else "files not verified")
+    print()
+    print("| layer | shape | lo grid | hi grid | high-impact | bytes | bits/weight |")
+    print("|---|---|---|---|---|---|---|")
+    for name, lm in m["layers"].items():
+        n = lm["shape"][0] * lm["shape"][1]
+        lo = f"{lm['lo']['bits']}b g{lm['lo']['group_size']}"
+        hi = "-" if lm["hi"] is None else f"{lm['hi']['bits']}b g{lm['hi']['group_size']}"
+        print(
+            f"| {name} | {lm['shape'][0]}x{lm['shape'][1]} | {lo} | {hi} | "
+            f"{lm['n_hi'] / n:.2%} | {lm['nbytes']:,} | {lm['nbytes'] * 8 / n:.3f} |"
+        )
     return 0
 
 
@@ -108,7 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perplexity with the GPTQ/AWQ protocol: the text is tokenised once and "
         "cut into non-overlapping windows of the model's context length.",
     )
-    ev.add_argument("--model", type=Path, required=True, help="Hugging Face model directory")
+    ev.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="Hugging Face model directory or packed lwq checkpoint",
+    )
     ev.add_argument("--data", type=Path, required=True, help="UTF-8 text file")
     ev.add_argument(
         "--seq-len",
@@ -118,6 +211,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     ev.set_defaults(func=_cmd_eval)
+
+    qz = sub.add_parser(
+        "quantize",
+        help="quantize a model into a packed checkpoint",
+        description="Quantize every linear layer of the decoder blocks (embeddings and the "
+        "head stay 16-bit) and write a packed checkpoint whose manifest reports the bits "
+        "per weight measured from the files. Settings come from --config (YAML, unknown "
+        "keys are errors) and the flags below, which override it.",
+    )
+    qz.add_argument("--config", type=Path, default=None, help="YAML configuration file")
+    qz.add_argument("--model", type=Path, help="Hugging Face model directory (model)")
+    qz.add_argument("--out", type=Path, help="output checkpoint directory (out)")
+    qz.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing checkpoint in --out (overwrite)",
+    )
+    qz.add_argument("--method", choices=["rtn", "gptq"], help="quant.method (default gptq)")
+    qz.add_argument("--bits", type=int, help="quant.bits: 2, 3, 4 or 8 (default 4)")
+    qz.add_argument(
+        "--group-size",
+        type=int,
+        help="quant.group_size: input columns per scale, -1 per row (default 128)",
+    )
+    qz.add_argument("--symmetric", action="store_true", help="quant.symmetric grid")
+    qz.add_argument("--calib", help="calib.source: text file, folder, or hf://NAME/CONFIG/SPLIT")
+    qz.add_argument("--n-samples", type=int, help="calib.n_samples (default 128)")
+    qz.add_argument(
+        "--seq-len", type=int, help="calib.seq_len (default min(2048, the model's context))"
+    )
+    qz.add_argument("--seed", type=int, help="calib.seed (default 0)")
+    qz.add_argument(
+        "--mode", choices=["parallel", "sequential"], help="calib.mode (default sequential)"
+    )
+    qz.add_argument("--act-order", action="store_true", help="gptq.act_order")
+    qz.add_argument("--damp", type=float, help="gptq.damp (default 0.01)")
+    qz.add_argument("--device", help="device (default cpu)")
+    qz.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    qz.set_defaults(func=_cmd_quantize)
+
+    info = sub.add_parser("info", help="show a packed checkpoint's manifest, bits and layers")
+    info.add_argument("checkpoint", type=Path, help="packed checkpoint directory")
+    info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    info.add_argument("--no-verify", action="store_true", help="skip the SHA-256 checks")
+    info.set_defaults(func=_cmd_info)
     return parser
 
 

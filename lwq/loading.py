@@ -74,12 +74,29 @@ def _keys(f: Path) -> list[str]:
         return list(h.keys())
 
 
+def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model's skeleton: parameters on the meta device, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()  # type: ignore[no-any-return]
+
+
+def tied_sources(model: nn.Module) -> dict[str, str]:
+    """Parameters that share another's storage (lm_head -> embeddings when tied)."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if not isinstance(tied, dict) or not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    return dict(tied)
+
+
 class LazyCausalLM:
     """A Hugging Face causal LM with its decoder blocks loaded on demand."""
 
     def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         check_model_dir(path)
         self.path = Path(path)
@@ -87,10 +104,14 @@ class LazyCausalLM:
         self.dtype = dtype
         config = AutoConfig.from_pretrained(path)
         self.adapter: ModelAdapter = adapter_for(config.model_type)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        self.model: PreTrainedModel = model.eval()
+        model = empty_model(config, dtype)
+        self.model: PreTrainedModel = model
         self.index = SafetensorsIndex(self.path)
+        self._renamed = {
+            self.adapter.model_key(k): k
+            for k in self.index.weight_map
+            if self.adapter.model_key(k) != k
+        }
         self.blocks = self.adapter.get_blocks(model)
         self._block_prefix = self.adapter.blocks + "."
         self._load_params(
@@ -98,9 +119,11 @@ class LazyCausalLM:
         )
         for name, buf in model.named_buffers():  # rotary frequencies etc.
             if not name.startswith(self._block_prefix):
-                _set_tensor(model, name, buf.to(self.device))
+                set_tensor(model, name, buf.to(self.device))
 
     def _ckpt_key(self, name: str) -> str | None:
+        if name in self._renamed:
+            return self._renamed[name]
         if name in self.index:
             return name
         # Checkpoints saved from the base model lack its prefix (old GPT-2 files).
@@ -109,9 +132,7 @@ class LazyCausalLM:
         return stripped if stripped is not None and stripped in self.index else None
 
     def _load_params(self, names: list[str]) -> None:
-        tied: dict[str, str] = getattr(self.model, "_tied_weights_keys", None) or {}
-        if not isinstance(tied, dict):
-            tied = {}
+        tied = tied_sources(self.model)
         deferred = []
         for name in names:
             key = self._ckpt_key(name)
@@ -121,9 +142,9 @@ class LazyCausalLM:
                     continue
                 raise ModelLoadError(f"--model {self.path}: the checkpoint has no tensor {name}")
             value = self.index.get(key).to(device=self.device, dtype=self.dtype)
-            _set_tensor(self.model, name, nn.Parameter(value, requires_grad=False))
+            set_tensor(self.model, name, nn.Parameter(value, requires_grad=False))
         for name in deferred:  # tied weights share their source parameter
-            _set_tensor(self.model, name, self.model.get_parameter(tied[name]))
+            set_tensor(self.model, name, self.model.get_parameter(tied[name]))
 
     def load_block(self, i: int) -> nn.Module:
         """Read block ``i``'s parameters from disk (float32, on the device)."""
@@ -131,7 +152,7 @@ class LazyCausalLM:
         names = [prefix + n for n, _ in self.blocks[i].named_parameters()]
         self._load_params(names)
         for n, buf in self.blocks[i].named_buffers():
-            _set_tensor(self.model, prefix + n, buf.to(self.device))
+            set_tensor(self.model, prefix + n, buf.to(self.device))
         return self.blocks[i]
 
     def unload_block(self, i: int) -> None:
@@ -149,7 +170,8 @@ class LazyCausalLM:
         self.index.close()
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` at the parameter or buffer ``name`` (replacing a meta tensor)."""
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     if isinstance(value, nn.Parameter) or attr in owner._parameters:

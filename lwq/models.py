@@ -33,6 +33,15 @@ def check_model_dir(path: Path, setting: str = "--model") -> None:
         )
 
 
+def check_tokenizer(tokenizer: Any, n_embed: int, path: Path, setting: str = "--model") -> None:
+    """A tokenizer with more tokens than the embedding has rows is another model's."""
+    if len(tokenizer) > n_embed:
+        raise ModelLoadError(
+            f"{setting} {path}: the tokenizer has {len(tokenizer)} tokens but the model's "
+            f"embedding only {n_embed}: the tokenizer does not belong to this model"
+        )
+
+
 def load_model_dir(
     path: Path,
     device: str = "cpu",
@@ -56,12 +65,7 @@ def load_model_dir(
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{setting} {path}: cannot load the model: {err}") from err
     embedding: torch.Tensor = model.get_input_embeddings().weight  # type: ignore[assignment]
-    n_embed = embedding.shape[0]
-    if len(tokenizer) > n_embed:
-        raise ModelLoadError(
-            f"{setting} {path}: the tokenizer has {len(tokenizer)} tokens but the model's "
-            f"embedding only {n_embed}: the tokenizer does not belong to this model"
-        )
+    check_tokenizer(tokenizer, int(embedding.shape[0]), path, setting)
     model.eval()
     model.to(device)  # type: ignore[arg-type]
     return model, tokenizer

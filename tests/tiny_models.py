@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,10 +19,11 @@ from transformers import (
 )
 
 VOCAB = 96
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
 
 
-def tiny_config(model_type: str) -> PretrainedConfig:
-    common: dict[str, Any] = {"vocab_size": VOCAB, "max_position_embeddings": 64}
+def tiny_config(model_type: str, vocab: int = VOCAB) -> PretrainedConfig:
+    common: dict[str, Any] = {"vocab_size": vocab, "max_position_embeddings": 64}
     llama_like: dict[str, Any] = {
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -47,7 +49,7 @@ def tiny_config(model_type: str) -> PretrainedConfig:
         )
     if model_type == "gpt2":
         return GPT2Config(
-            vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=128
+            vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=128
         )
     if model_type == "gpt_neox":
         return GPTNeoXConfig(
@@ -60,11 +62,23 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     raise KeyError(model_type)
 
 
-def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
+def tiny_model(model_type: str, seed: int = 0, vocab: int = VOCAB) -> PreTrainedModel:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, vocab), dtype=torch.float32)
     model.eval()
     return model
 
 
 TINY_TYPES = ("llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox")
+
+
+def save_tiny_model_dir(model_type: str, path: Path, seed: int = 0) -> Path:
+    """A tiny model paired with the zoo tokenizer (4096 tokens), saved in 16 bits."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ZOO / "llama-6l-128d")
+    model = tiny_model(model_type, seed, vocab=len(tok))
+    model.to(torch.float16)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

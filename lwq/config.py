@@ -1,0 +1,146 @@
+"""The one configuration model, shared by the CLI, the Python API and the flows.
+
+Unknown keys are errors everywhere (``extra="forbid"``), so a typo never
+silently falls back to a default. Load it from YAML with ``load_config``;
+command-line flags override single fields with ``with_overrides``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lwq.errors import ConfigError
+from lwq.quant.grid import SUPPORTED_BITS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class CalibConfig(_Strict):
+    source: str | None = Field(
+        None, description="text file, folder of .txt files, or hf://NAME[/CONFIG[/SPLIT]]"
+    )
+    n_samples: int = Field(128, ge=1, description="calibration sequences")
+    seq_len: int | None = Field(
+        None, ge=2, description="tokens per sequence (default: min(2048, model context))"
+    )
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    mode: Literal["parallel", "sequential"] = Field(
+        "sequential",
+        description="sequential: each block sees the quantized blocks before it (GPTQ); "
+        "parallel: every layer sees full-precision inputs, so layers are independent",
+    )
+
+
+class QuantConfig(_Strict):
+    method: Literal["rtn", "gptq"] = "gptq"
+    bits: int = Field(4, description=f"bits per weight, one of {SUPPORTED_BITS}")
+    group_size: int = Field(128, description="input columns per scale (-1: one per row)")
+    symmetric: bool = False
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"must be one of {SUPPORTED_BITS}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("must be a positive number of columns or -1")
+        return v
+
+
+class GPTQConfig(_Strict):
+    block_size: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0.0, lt=1.0, description="dampening, fraction of mean diag(H)")
+    act_order: bool = False
+    static_groups: bool = False
+
+
+class LwqConfig(_Strict):
+    model: str | None = Field(None, description="local Hugging Face model directory")
+    out: str | None = Field(None, description="output checkpoint directory")
+    overwrite: bool = False
+    device: str = "cpu"
+    calib: CalibConfig = CalibConfig()
+    quant: QuantConfig = QuantConfig()
+    gptq: GPTQConfig = GPTQConfig()
+
+    def require(self, *names: str) -> None:
+        """Fail early when a setting the job needs is not given."""
+        for name in names:
+            obj: Any = self
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            if obj is None:
+                flag = {"model": "--model", "out": "--out", "calib.source": "--calib"}.get(name)
+                hint = f" (or {flag})" if flag else ""
+                raise ConfigError(f"the setting {name} is required{hint}")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for tracking systems."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, d: dict[str, Any]) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    out[prefix + k] = v
+
+        walk("", self.model_dump())
+        return out
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{where}: {msg}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def make_config(data: dict[str, Any]) -> LwqConfig:
+    try:
+        return LwqConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from err
+
+
+def load_config(path: Path | None) -> LwqConfig:
+    """Read a YAML file (or the defaults when ``path`` is None)."""
+    if path is None:
+        return make_config({})
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"--config {path}: no such file") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping of settings")
+    return make_config(data)
+
+
+def with_overrides(config: LwqConfig, overrides: dict[str, Any]) -> LwqConfig:
+    """Apply dotted-key overrides (``{"quant.bits": 3}``); None values are skipped."""
+    data = config.model_dump()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return make_config(data)

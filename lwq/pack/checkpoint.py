@@ -1,0 +1,383 @@
+"""Packed checkpoint format v1: files, manifest, checksums, loading.
+
+A checkpoint directory holds:
+
+- ``layers-NNNNN.safetensors``: one file per decoder block with one uint8
+  tensor, the block's packed layers back to back (see ``lwq.pack.layer``).
+  One tensor per block keeps safetensors' per-tensor header small next to the
+  payload, so the bits measured from the files are the bits of the format;
+- ``rest.safetensors``: everything that is not quantized (embeddings, norms,
+  biases, the head) in the base model's dtype;
+- ``config.json`` and the tokenizer files of the base model;
+- ``lwq_manifest.json``, written last: format version, the base model's
+  config and weight hash, the quantization settings, each layer's sections,
+  the SHA-256 of every file, and the average bits per quantized weight
+  measured from the files and predicted by the cost model.
+
+Everything is written into a staging directory beside the target and moved
+into place only when complete, so an interrupted write never leaves a
+half-checkpoint under the target name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lwq.adapters import ModelAdapter, adapter_for
+from lwq.errors import ConfigError, LwqError, ModelLoadError
+from lwq.pack.layer import (
+    FORMAT_VERSION,
+    PackedLayer,
+    grid_from_meta,
+    payload_nbytes,
+    unpack_layer,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "lwq_manifest.json"
+FORMAT_NAME = "lwq-packed"
+REST_FILE = "rest.safetensors"
+BASE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+class ChecksumError(LwqError):
+    """A checkpoint file is missing, truncated or corrupted."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """Content identity of a model: hash of its weight files' hashes, by name."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
+    for f in files:
+        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def block_file(index: int) -> str:
+    return f"layers-{index:05d}.safetensors"
+
+
+def check_output_dir(out: Path, overwrite: bool, setting: str = "--out") -> None:
+    """Refuse to replace an existing checkpoint or non-empty folder unless asked."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{setting} {out} exists and is not a directory")
+    if overwrite or not any(out.iterdir()):
+        return
+    what = "a packed checkpoint" if (out / MANIFEST).is_file() else "other files"
+    raise ConfigError(
+        f"{setting} {out} already holds {what}; choose another {setting} or pass --overwrite"
+    )
+
+
+class CheckpointWriter(AbstractContextManager["CheckpointWriter"]):
+    """Writes a checkpoint block by block; ``finish`` commits it atomically."""
+
+    def __init__(self, out: Path, base_model: Path, overwrite: bool = False) -> None:
+        self.out = Path(out).resolve()
+        self.base_model = Path(base_model)
+        self.overwrite = overwrite
+        check_output_dir(self.out, overwrite)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = Path(
+            tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent)
+        )
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.files: list[str] = []
+        self._done = False
+
+    def add_block(self, index: int, layers: list[PackedLayer]) -> None:
+        from safetensors.torch import save_file
+
+        name = block_file(index)
+        offset = 0
+        for p in layers:
+            meta = p.meta()
+            meta.update({"file": name, "offset": offset})
+            self.layers[p.name] = meta
+            offset += p.nbytes
+        blob = torch.cat([p.data for p in layers]) if layers else torch.zeros(0, dtype=torch.uint8)
+        save_file(
+            {"packed": blob.contiguous()},
+            str(self.stage / name),
+            metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)},
+        )
+        self.files.append(name)
+
+    def add_rest(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(self.stage / REST_FILE),
+            metadata={"format": FORMAT_NAME},
+        )
+        self.files.append(REST_FILE)
+
+    def finish(
+        self,
+        config: dict[str, Any],
+        quantization: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        for fname in BASE_FILES:
+            src = self.base_model / fname
+            if src.is_file():
+                shutil.copy2(src, self.stage / fname)
+                self.files.append(fname)
+        files = {
+            f: {"sha256": file_sha256(self.stage / f), "bytes": (self.stage / f).stat().st_size}
+            for f in sorted(set(self.files))
+        }
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "base_model": {
+                "path": str(self.base_model),
+                "weights_sha256": weights_sha256(self.base_model),
+            },
+            "config": config,
+            "quantization": quantization,
+            "bits": bits_report(self.layers, files),
+            "layers": self.layers,
+            "files": files,
+            **(extra or {}),
+        }
+        path = self.stage / MANIFEST
+        with path.open("w") as f:
+            json.dump(manifest, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+        if self.out.exists():
+            os.replace(self.out, old)
+        self.stage.chmod(0o755)
+        os.replace(self.stage, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+        self._done = True
+        return manifest
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            shutil.rmtree(self.stage, ignore_errors=True)
+
+
+def bits_report(
+    layers: dict[str, dict[str, Any]], files: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Average bits per quantized weight, from the files and from the cost model."""
+    n = sum(int(m["shape"][0]) * int(m["shape"][1]) for m in layers.values())
+    model_bytes = 0
+    for m in layers.values():
+        hi = None if m["hi"] is None else grid_from_meta(m["hi"])
+        model_bytes += payload_nbytes(
+            int(m["shape"][0]),
+            int(m["shape"][1]),
+            grid_from_meta(m["lo"]),
+            hi,
+            int(m["n_hi"]),
+            int(m["n_hi_groups"]),
+            m["mask_encoding"] or "bitmap",
+        )
+    layer_files = {m["file"] for m in layers.values()}
+    file_bytes = sum(int(files[f]["bytes"]) for f in layer_files)
+    rest = int(files[REST_FILE]["bytes"]) if REST_FILE in files else 0
+    return {
+        "n_quantized_weights": n,
+        "from_bytes": file_bytes * 8 / n if n else 0.0,
+        "from_model": model_bytes * 8 / n if n else 0.0,
+        "quantized_file_bytes": file_bytes,
+        "payload_bytes": model_bytes,
+        "unquantized_bytes": rest,
+        "total_bytes": sum(int(f["bytes"]) for f in files.values()),
+    }
+
+
+def read_manifest(ckpt: Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a checkpoint; with ``verify``, every file's SHA-256 is checked."""
+    ckpt = Path(ckpt)
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        raise ModelLoadError(f"{ckpt}: no {MANIFEST}; not an lwq checkpoint (or an unfinished one)")
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ChecksumError(f"{path} is corrupted (not valid JSON): {err}") from err
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{ckpt}: format {manifest.get('format')} v{manifest.get('format_version')}; this lwq "
+            f"reads {FORMAT_NAME} v{FORMAT_VERSION}"
+        )
+    if verify:
+        for fname, info in manifest["files"].items():
+            f = ckpt / fname
+            if not f.is_file():
+                raise ChecksumError(f"{ckpt}: {fname} is missing; copy the checkpoint again")
+            if f.stat().st_size != info["bytes"] or file_sha256(f) != info["sha256"]:
+                raise ChecksumError(
+                    f"{ckpt}: {fname} is corrupted or truncated (SHA-256 does not match the "
+                    "manifest); copy the checkpoint again or re-run 'lwq quantize'"
+                )
+    return manifest
+
+
+def iter_packed_layers(ckpt: Path, manifest: dict[str, Any]) -> Iterator[PackedLayer]:
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for name, m in manifest["layers"].items():
+        by_file.setdefault(m["file"], []).append(name)
+    for fname, names in by_file.items():
+        with safe_open(str(Path(ckpt) / fname), framework="pt") as f:
+            blob = f.get_tensor("packed")
+        for name in names:
+            m = manifest["layers"][name]
+            data = blob[m["offset"] : m["offset"] + m["nbytes"]]
+            yield PackedLayer(
+                name=name,
+                shape=(int(m["shape"][0]), int(m["shape"][1])),
+                lo=grid_from_meta(m["lo"]),
+                hi=None if m["hi"] is None else grid_from_meta(m["hi"]),
+                n_hi=int(m["n_hi"]),
+                n_hi_groups=int(m["n_hi_groups"]),
+                data=data,
+                sections={k: (int(v[0]), int(v[1])) for k, v in m["sections"].items()},
+                mask_encoding=m["mask_encoding"],
+            )
+
+
+class QuantLinear(nn.Module):
+    """A linear layer that keeps its packed weight and dequantises it per call.
+
+    ``transposed`` reproduces GPT-2's Conv1D (y = x W + b with W (d_in, d_out))
+    so the module can stand in for either kind of layer.
+    """
+
+    def __init__(self, packed: PackedLayer, bias: torch.Tensor | None, transposed: bool) -> None:
+        super().__init__()
+        self.packed = packed
+        self.register_buffer("data", packed.data.clone(), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features = packed.shape[1], packed.shape[0]
+        self.transposed = transposed
+
+    def weight_fp(self) -> torch.Tensor:
+        """The dequantised (d_out, d_in) weight."""
+        p = self.packed
+        buf = self.data
+        assert isinstance(buf, torch.Tensor)
+        live = PackedLayer(
+            p.name,
+            p.shape,
+            p.lo,
+            p.hi,
+            p.n_hi,
+            p.n_hi_groups,
+            buf.cpu(),
+            p.sections,
+            p.mask_encoding,
+        )
+        return unpack_layer(live).dequantize().to(buf.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_fp().to(x.dtype)
+        return nn.functional.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        hi = "" if self.packed.hi is None else f", hi={self.packed.hi.bits}b r={self.packed.n_hi}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, "
+            f"lo={self.packed.lo.bits}b g{self.packed.lo.group_size}{hi}"
+        )
+
+
+def load_quantized(
+    ckpt: Path, device: str = "cpu", packed_modules: bool = False, verify: bool = True
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Rebuild a working Hugging Face model from a packed checkpoint.
+
+    By default every quantized layer gets its dequantised float32 weight;
+    with ``packed_modules`` it is replaced by a ``QuantLinear`` that keeps the
+    packed bytes. Returns (model, tokenizer, manifest).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lwq.loading import empty_model, set_tensor, tied_sources
+
+    manifest = read_manifest(ckpt, verify=verify)
+    config = AutoConfig.for_model(**manifest["config"])
+    adapter = adapter_for(config.model_type)
+    model = empty_model(config, torch.float32)
+    rest: dict[str, torch.Tensor] = {}
+    with safe_open(str(Path(ckpt) / REST_FILE), framework="pt") as f:
+        for key in f.keys():
+            rest[key] = f.get_tensor(key).to(torch.float32)
+    for name, value in rest.items():
+        set_tensor(model, name, nn.Parameter(value, requires_grad=False))
+    for name in manifest["layers"]:
+        set_tensor(model, f"{name}.weight", nn.Parameter(torch.empty(0), requires_grad=False))
+    for packed in iter_packed_layers(ckpt, manifest):
+        _install_layer(model, adapter, packed, rest.get(f"{packed.name}.bias"), packed_modules)
+    for target, source in tied_sources(model).items():
+        if target not in rest:
+            set_tensor(model, target, model.get_parameter(source))
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise ModelLoadError(f"{ckpt}: the checkpoint lacks tensors {leftover[:5]}")
+    model.to(device)  # type: ignore[arg-type]
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    return model, tokenizer, manifest
+
+
+def _install_layer(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    packed: PackedLayer,
+    bias: torch.Tensor | None,
+    packed_modules: bool,
+) -> None:
+    from lwq.loading import set_tensor
+
+    if packed_modules:
+        owner_name, _, attr = packed.name.rpartition(".")
+        setattr(
+            model.get_submodule(owner_name), attr, QuantLinear(packed, bias, adapter.transposed)
+        )
+        return
+    w = unpack_layer(packed).dequantize()  # (d_out, d_in)
+    if adapter.transposed:
+        w = w.t().contiguous()
+    set_tensor(model, f"{packed.name}.weight", nn.Parameter(w, requires_grad=False))

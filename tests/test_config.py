@@ -1,0 +1,53 @@
+"""The strict configuration model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lwq.config import load_config, make_config, with_overrides
+from lwq.errors import ConfigError
+
+
+def test_defaults_and_yaml(tmp_path: Path) -> None:
+    assert load_config(None).quant.bits == 4
+    f = tmp_path / "c.yaml"
+    f.write_text("quant:\n  bits: 3\n  group_size: 64\ncalib:\n  mode: parallel\n")
+    c = load_config(f)
+    assert (c.quant.bits, c.quant.group_size, c.calib.mode) == (3, 64, "parallel")
+    assert c.flat()["quant.bits"] == 3
+
+
+def test_unknown_keys_are_errors_that_name_them(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("quant:\n  bitz: 3\n")
+    with pytest.raises(ConfigError, match=r"quant\.bitz: unknown setting"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="modle: unknown setting"):
+        make_config({"modle": "x"})
+
+
+def test_bad_values_name_the_setting() -> None:
+    with pytest.raises(ConfigError, match=r"quant\.bits: .*one of \(2, 3, 4, 8\)"):
+        make_config({"quant": {"bits": 5}})
+    with pytest.raises(ConfigError, match=r"quant\.group_size"):
+        make_config({"quant": {"group_size": 0}})
+    with pytest.raises(ConfigError, match=r"calib\.mode"):
+        make_config({"calib": {"mode": "both"}})
+
+
+def test_overrides_and_required() -> None:
+    c = with_overrides(make_config({}), {"quant.bits": 2, "model": "m", "calib.seed": None})
+    assert c.quant.bits == 2 and c.model == "m" and c.calib.seed == 0
+    with pytest.raises(ConfigError, match=r"out is required \(or --out\)"):
+        c.require("model", "out")
+
+
+def test_broken_yaml(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("quant: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")

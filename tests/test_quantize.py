@@ -1,0 +1,157 @@
+"""The quantization driver end to end on tiny models, and its bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ZOO
+from tiny_models import save_tiny_model_dir
+
+from lwq.adapters import adapter_for
+from lwq.config import make_config
+from lwq.errors import ConfigError, ModelLoadError
+from lwq.models import load_model_dir
+from lwq.pack.checkpoint import ChecksumError, load_quantized, read_manifest
+from lwq.quant.grid import GridSpec
+from lwq.quant.rtn import rtn_quantize
+from lwq.quantize import quantize
+
+CALIB = ZOO / "data" / "calibration.txt"
+
+
+def _cfg(model: Path, out: Path, **quant: Any) -> Any:
+    return make_config(
+        {
+            "model": str(model),
+            "out": str(out),
+            "calib": {"source": str(CALIB), "n_samples": 8, "seq_len": 64, "batch_size": 4},
+            "quant": {"method": "gptq", "bits": 4, "group_size": 32, **quant},
+        }
+    )
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "gpt_neox"])
+def test_rtn_checkpoint_equals_in_memory_rtn(model_type: str, tmp_path: Path) -> None:
+    model_dir = save_tiny_model_dir(model_type, tmp_path / "m")
+    report = quantize(_cfg(model_dir, tmp_path / "q", method="rtn", bits=3), progress=False)
+    ref, tok = load_model_dir(model_dir)
+    adapter = adapter_for(ref.config.model_type)
+    for _, mod in adapter.iter_layers(ref):
+        adapter.write_weight(
+            mod, rtn_quantize(adapter.read_weight(mod), GridSpec(3, 32)).dequantize()
+        )
+    loaded, _, manifest = load_quantized(report.out)
+    packed, _, _ = load_quantized(report.out, packed_modules=True)
+    ids = torch.randint(0, len(tok), (2, 24))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    bits = manifest["bits"]
+    assert bits["from_bytes"] == pytest.approx(bits["from_model"], rel=0.01)
+    assert len(manifest["layers"]) == 2 * len(adapter.linears)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_gptq_checkpoint_loads_and_predicts(mode: str, tmp_path: Path) -> None:
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    cfg = _cfg(model_dir, tmp_path / "q")
+    cfg = make_config({**cfg.model_dump(), "calib": {**cfg.calib.model_dump(), "mode": mode}})
+    report = quantize(cfg, progress=False)
+    assert all(r.gptq_loss is not None and r.gptq_loss >= 0 for r in report.layers)
+    model, _, manifest = load_quantized(report.out)
+    assert manifest["quantization"]["calibration"]["n_samples"] == 8
+    ref, _ = load_model_dir(model_dir)
+    ids = torch.randint(0, 4096, (1, 32))
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().mean()
+    assert 0 < float(diff) < 0.5  # quantized, but still the same model
+
+
+def test_existing_checkpoint_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    model_dir = save_tiny_model_dir("gpt2", tmp_path / "m")
+    first = quantize(_cfg(model_dir, tmp_path / "q", method="rtn"), progress=False)
+    before = (first.out / "lwq_manifest.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a packed checkpoint.*--overwrite"):
+        quantize(_cfg(model_dir, tmp_path / "q", method="rtn", bits=2), progress=False)
+    assert (first.out / "lwq_manifest.json").read_bytes() == before
+    cfg = make_config(
+        {**_cfg(model_dir, tmp_path / "q", method="rtn", bits=2).model_dump(), "overwrite": True}
+    )
+    quantize(cfg, progress=False)
+    assert read_manifest(first.out)["quantization"]["settings"]["quant"]["bits"] == 2
+
+
+def test_failure_midway_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    calls = {"n": 0}
+    import lwq.quantize as qmod
+
+    real = qmod.pack_layer
+
+    def flaky(name: str, qw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise OSError("disk went away")
+        return real(name, qw)
+
+    monkeypatch.setattr(qmod, "pack_layer", flaky)
+    with pytest.raises(OSError, match="disk went away"):
+        quantize(_cfg(model_dir, tmp_path / "q", method="rtn"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_corrupted_or_truncated_files_are_detected(tmp_path: Path) -> None:
+    model_dir = save_tiny_model_dir("opt", tmp_path / "m")
+    out = quantize(_cfg(model_dir, tmp_path / "q", method="rtn"), progress=False).out
+    f = out / "layers-00001.safetensors"
+    original = f.read_bytes()
+    data = bytearray(original)
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="layers-00001.safetensors is corrupted or truncated"):
+        load_quantized(out)
+    f.write_bytes(bytes(data[:100]))
+    with pytest.raises(ChecksumError, match="truncated"):
+        read_manifest(out)
+    f.write_bytes(original)
+    read_manifest(out)
+    (out / "rest.safetensors").unlink()
+    with pytest.raises(ChecksumError, match="missing"):
+        read_manifest(out)
+
+
+def test_bad_inputs_name_the_setting(tmp_path: Path) -> None:
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"quant\.bits"):
+        _cfg(model_dir, tmp_path / "q", bits=5)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((model_dir / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="no weights"):
+        quantize(_cfg(empty, tmp_path / "q"), progress=False)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("na\u00efve caf\u00e9 ".encode("latin-1") * 500)
+    cfg = make_config(
+        {
+            **_cfg(model_dir, tmp_path / "q").model_dump(),
+            "calib": {"source": str(latin), "n_samples": 2, "seq_len": 16},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"--calib .*not UTF-8"):
+        quantize(cfg, progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_group_size_that_does_not_divide_uses_a_short_last_group(tmp_path: Path) -> None:
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")  # d_in 64 and 128
+    out = quantize(_cfg(model_dir, tmp_path / "q", group_size=48), progress=False).out
+    m = read_manifest(out)
+    assert m["bits"]["from_bytes"] == pytest.approx(m["bits"]["from_model"], rel=0.01)
+    model, _, _ = load_quantized(out)
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
