@@ -114,7 +114,7 @@ def test_corrupted_or_truncated_files_are_detected(tmp_path: Path) -> None:
     data = bytearray(original)
     data[-5] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError, match="layers-00001.safetensors is corrupted or truncated"):
+    with pytest.raises(ChecksumError, match=r"layers-00001\.safetensors is corrupted or truncated"):
         load_quantized(out)
     f.write_bytes(bytes(data[:100]))
     with pytest.raises(ChecksumError, match="truncated"):

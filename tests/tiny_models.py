@@ -78,7 +78,7 @@ def save_tiny_model_dir(model_type: str, path: Path, seed: int = 0) -> Path:
 
     tok = AutoTokenizer.from_pretrained(ZOO / "llama-6l-128d")
     model = tiny_model(model_type, seed, vocab=len(tok))
-    model.to(torch.float16)
+    model.to(torch.float16)  # type: ignore[arg-type]
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
