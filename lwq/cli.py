@@ -63,6 +63,17 @@ def _cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from lwq.textio import read_text
 
     model, tokenizer = _load_any(args.model)
+    if args.tasks:
+        from lwq.eval.harness import evaluate_tasks
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        results = evaluate_tasks(
+            model, tokenizer, tasks, data=args.data, max_length=args.seq_len, limit=args.limit
+        )
+        print(json.dumps(results, indent=1))
+        return 0
+    if args.data is None:
+        raise LwqError("lwq eval needs --data TEXT_FILE (perplexity) or --tasks")
     text = read_text(args.data)
     seq_len = args.seq_len or int(getattr(model.config, "max_position_embeddings", 2048))
     res = perplexity_of_text(model, tokenizer, text, seq_len, args.batch_size, progress=True)
@@ -192,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="perplexity of a model directory on a text file",
+        help="perplexity or lm-eval tasks of a model or packed checkpoint",
         description="Perplexity with the GPTQ/AWQ protocol: the text is tokenised once and "
-        "cut into non-overlapping windows of the model's context length.",
+        "cut into non-overlapping windows of the model's context length. With --tasks, "
+        "runs lm-evaluation-harness on the in-memory model instead.",
     )
     ev.add_argument(
         "--model",
@@ -202,7 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="Hugging Face model directory or packed lwq checkpoint",
     )
-    ev.add_argument("--data", type=Path, required=True, help="UTF-8 text file")
+    ev.add_argument("--data", type=Path, help="UTF-8 text file (or folder of .txt files)")
+    ev.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-evaluation-harness tasks instead of the built-in "
+        "perplexity: lwq_text_perplexity (over --data, offline) or standard "
+        "tasks such as piqa,arc_easy,hellaswag,winogrande (need the hub)",
+    )
+    ev.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     ev.add_argument(
         "--seq-len",
         type=int,
