@@ -28,7 +28,11 @@ if TYPE_CHECKING:
 
 
 class SafetensorsIndex:
-    """Maps tensor names to the (memory-mapped) safetensors file that holds them."""
+    """Maps tensor names to the (memory-mapped) safetensors file that holds them.
+
+    Files are opened only inside ``reading()``: a mapping left open keeps every
+    page it touched resident, which would count the whole model in the RSS.
+    """
 
     def __init__(self, path: Path) -> None:
         index = path / "model.safetensors.index.json"
@@ -46,25 +50,40 @@ class SafetensorsIndex:
                 weight_map.update(dict.fromkeys(_keys(f), f.name))
         self.path = path
         self.weight_map = weight_map
-        self._stack = ExitStack()
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, Any] | None = None
 
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Keep the files open for a batch of ``get`` calls, then unmap them."""
+        if self._handles is not None:  # nested: the outer call owns the handles
+            yield
+            return
+        self._handles = {}
+        try:
+            with ExitStack() as stack:
+                self._stack = stack
+                yield
+        finally:
+            self._handles = None
+
     def get(self, key: str) -> torch.Tensor:
+        """A copy of the tensor (never a view of the mapping)."""
         from safetensors import safe_open
 
-        fname = self.weight_map[key]
-        if fname not in self._handles:
-            self._handles[fname] = self._stack.enter_context(
-                safe_open(str(self.path / fname), framework="pt")
-            )
-        return self._handles[fname].get_tensor(key)  # type: ignore[no-any-return]
+        with self.reading():
+            assert self._handles is not None
+            fname = self.weight_map[key]
+            if fname not in self._handles:
+                self._handles[fname] = self._stack.enter_context(
+                    safe_open(str(self.path / fname), framework="pt")
+                )
+            return self._handles[fname].get_tensor(key).clone()  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        """Nothing stays open between reads; kept for symmetry with callers."""
 
 
 def _keys(f: Path) -> list[str]:
@@ -134,6 +153,12 @@ class LazyCausalLM:
     def _load_params(self, names: list[str]) -> None:
         tied = tied_sources(self.model)
         deferred = []
+        with self.index.reading():
+            self._load_named(names, tied, deferred)
+        for name in deferred:  # tied weights share their source parameter
+            set_tensor(self.model, name, self.model.get_parameter(tied[name]))
+
+    def _load_named(self, names: list[str], tied: dict[str, str], deferred: list[str]) -> None:
         for name in names:
             key = self._ckpt_key(name)
             if key is None:
@@ -143,8 +168,6 @@ class LazyCausalLM:
                 raise ModelLoadError(f"--model {self.path}: the checkpoint has no tensor {name}")
             value = self.index.get(key).to(device=self.device, dtype=self.dtype)
             set_tensor(self.model, name, nn.Parameter(value, requires_grad=False))
-        for name in deferred:  # tied weights share their source parameter
-            set_tensor(self.model, name, self.model.get_parameter(tied[name]))
 
     def load_block(self, i: int) -> nn.Module:
         """Read block ``i``'s parameters from disk (float32, on the device)."""

@@ -80,11 +80,12 @@ def unquantized_tensors(
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the base checkpoint that is not a quantized weight, model-named."""
     out = {}
-    for key in index.weight_map:
-        name = adapter.model_key(key)
-        if name.endswith(".weight") and name[: -len(".weight")] in quantized:
-            continue
-        out[name] = index.get(key)
+    with index.reading():
+        for key in index.weight_map:
+            name = adapter.model_key(key)
+            if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+                continue
+            out[name] = index.get(key)
     return out
 
 
