@@ -152,7 +152,7 @@ class LazyCausalLM:
 
     def _load_params(self, names: list[str]) -> None:
         tied = tied_sources(self.model)
-        deferred = []
+        deferred: list[str] = []
         with self.index.reading():
             self._load_named(names, tied, deferred)
         for name in deferred:  # tied weights share their source parameter
