@@ -152,8 +152,10 @@ class _InputRecorder(nn.Module):
 def capture_block_inputs(source: BlockSource, batches: list[torch.Tensor]) -> BlockInputs:
     """Run the model with every block replaced by a pass-through recorder.
 
-    Only the embeddings (and the cheap final norm/head) compute; what block 0
-    receives (hidden states, attention mask, rotary embeddings...) is kept.
+    Only the embeddings (and the final norm) compute: the base model is called,
+    not the LM head, whose logits for every calibration token would be the
+    largest tensor of the whole run. What block 0 receives (hidden states,
+    attention mask, rotary embeddings...) is kept.
     """
     blocks = source.adapter.get_blocks(source.model)
     originals = list(blocks)
@@ -161,8 +163,9 @@ def capture_block_inputs(source: BlockSource, batches: list[torch.Tensor]) -> Bl
     try:
         for i in range(len(blocks)):
             blocks[i] = _InputRecorder(sink if i == 0 else None)
+        base = source.model.base_model  # the decoder stack without the LM head
         for batch in batches:
-            source.model(input_ids=batch.to(source.device), use_cache=False)
+            base(input_ids=batch.to(source.device), use_cache=False)
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
