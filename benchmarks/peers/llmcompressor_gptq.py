@@ -1,0 +1,121 @@
+"""llm-compressor's GPTQ on a zoo model, for the parity check (peer environment only).
+
+Runs in a separate virtual environment that has llm-compressor (it pins its
+own transformers); lwq is imported from the repository for the calibration
+windows and the perplexity protocol, so both tools see the same calibration
+tokens and are evaluated by the same code. GPT-2's Conv1D layers are replaced
+by equivalent nn.Linear modules first, because llm-compressor targets Linear.
+
+    PYTHONPATH=. /path/to/peer-venv/bin/python benchmarks/peers/llmcompressor_gptq.py \\
+        --model zoo/llama-6l-128d --bits 4 --group-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[2]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace every transformers Conv1D (y = x W + b, W (d_in, d_out)) by nn.Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    count = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Conv1D):
+            d_in, d_out = mod.weight.shape
+            lin = nn.Linear(d_in, d_out)
+            with torch.no_grad():
+                lin.weight.copy_(mod.weight.t())
+                lin.bias.copy_(mod.bias)
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, lin)
+            count += 1
+    return count
+
+
+def main() -> None:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lwq.calibration import build_calibration_set
+    from lwq.eval.perplexity import perplexity_of_text
+    from lwq.textio import read_text
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--symmetric", action="store_true")
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calib", type=Path, default=REPO / "zoo" / "data" / "calibration.txt")
+    ap.add_argument("--data", type=Path, default=REPO / "zoo" / "data" / "validation.txt")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    converted = conv1d_to_linear(model)
+    calib = build_calibration_set(tok, args.calib, args.n_samples, args.seq_len, seed=0)
+    ids = calib.input_ids.tolist()
+    ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
+    scheme = {
+        "targets": ["Linear"],
+        "weights": {
+            "num_bits": args.bits,
+            "type": "int",
+            "symmetric": args.symmetric,
+            "strategy": "group",
+            "group_size": args.group_size,
+            "actorder": None,
+        },
+    }
+    modifier = GPTQModifier(
+        config_groups={"group_0": scheme},
+        ignore=["lm_head"],
+        actorder=None,
+        dampening_frac=0.01,
+        block_size=128,
+    )
+    t = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=ds,
+        recipe=modifier,
+        num_calibration_samples=args.n_samples,
+        max_seq_length=args.seq_len,
+        shuffle_calibration_samples=False,
+    )
+    seconds = time.perf_counter() - t
+    seq = int(model.config.max_position_embeddings)
+    res = {
+        "tool": "llm-compressor",
+        "model": str(args.model),
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "symmetric": args.symmetric,
+        "calib_sha256": calib.sha256,
+        "conv1d_converted": converted,
+        "seconds": seconds,
+        "ppl_validation": perplexity_of_text(model, tok, read_text(args.data), seq, 8).perplexity,
+    }
+    if WIKITEXT.is_file():
+        res["ppl_wikitext2"] = perplexity_of_text(
+            model, tok, read_text(WIKITEXT), seq, 8
+        ).perplexity
+    print("RESULT " + json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
