@@ -37,6 +37,7 @@ from torch import nn
 
 from lwq.adapters import ModelAdapter, adapter_for
 from lwq.errors import ConfigError, LwqError, ModelLoadError
+from lwq.hashing import file_sha256
 from lwq.pack.layer import (
     FORMAT_VERSION,
     PackedLayer,
@@ -64,14 +65,6 @@ BASE_FILES = (
 
 class ChecksumError(LwqError):
     """A checkpoint file is missing, truncated or corrupted."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_sha256(model_dir: Path) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from lwq.hashing import file_sha256
 from lwq.errors import CorpusError
 
 PACKAGE = "python3.11-doc"
@@ -103,14 +104,6 @@ def registry_sha256(package: str = PACKAGE) -> str | None:
     )
     m = re.search(r"^SHA256: ([0-9a-f]{64})$", proc.stdout, flags=re.M)
     return m.group(1) if m else None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_deb(workdir: Path, package: str = PACKAGE) -> Path:
