@@ -1,0 +1,147 @@
+"""Parity of lwq's GPTQ with llm-compressor's, same calibration windows.
+
+For each zoo model at W4 g128 and W3 g128 (asymmetric, act-order off in both,
+dampening 0.01, sequential), quantizes with lwq in this process and with
+llm-compressor in the peer environment (``--peer-python``), and prints both
+perplexities and their ratio. Both tools get the same 128 x 256 windows
+(``lwq.calibration`` with seed 0; the peer script prints the windows' hash so
+it can be checked) and are scored by the same perplexity code.
+
+    python benchmarks/parity.py --peer-python /work/peers-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = REPO / "zoo"
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def ours(model: str, bits: int, group: int, work: Path, n: int, seq: int) -> dict[str, Any]:
+    import time
+
+    from lwq.calibration import build_calibration_set
+    from lwq.config import make_config
+    from lwq.eval.perplexity import perplexity_of_text
+    from lwq.pack.checkpoint import load_quantized
+    from lwq.quantize import quantize
+    from lwq.textio import read_text
+
+    cfg = make_config(
+        {
+            "model": str(ZOO / model),
+            "out": str(work),
+            "overwrite": True,
+            "calib": {
+                "source": str(ZOO / "data" / "calibration.txt"),
+                "n_samples": n,
+                "seq_len": seq,
+                "mode": "sequential",
+            },
+            "quant": {"method": "gptq", "bits": bits, "group_size": group},
+            "gptq": {"damp": 0.01, "act_order": False},
+        }
+    )
+    t = time.perf_counter()
+    report = quantize(cfg, progress=False)
+    seconds = time.perf_counter() - t
+    m, tok, manifest = load_quantized(report.out)
+    ctx = int(m.config.max_position_embeddings)
+    calib = build_calibration_set(tok, ZOO / "data" / "calibration.txt", n, seq, seed=0)
+    res = {
+        "seconds": seconds,
+        "calib_sha256": calib.sha256,
+        "bits": manifest["bits"]["from_bytes"],
+        "ppl_validation": perplexity_of_text(
+            m, tok, read_text(ZOO / "data" / "validation.txt"), ctx, 8
+        ).perplexity,
+    }
+    if WIKITEXT.is_file():
+        res["ppl_wikitext2"] = perplexity_of_text(m, tok, read_text(WIKITEXT), ctx, 8).perplexity
+    return res
+
+
+def peer(python: str, model: str, bits: int, group: int, n: int, seq: int) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [
+            python,
+            str(REPO / "benchmarks" / "peers" / "llmcompressor_gptq.py"),
+            "--model",
+            str(ZOO / model),
+            "--bits",
+            str(bits),
+            "--group-size",
+            str(group),
+            "--n-samples",
+            str(n),
+            "--seq-len",
+            str(seq),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"llm-compressor failed: {proc.stderr[-2000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[7:])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--peer-python", required=True, help="python of the llm-compressor venv")
+    ap.add_argument("--models", nargs="+", default=["llama-6l-128d", "gpt2-6l-128d"])
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/parity"))
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "parity.json")
+    args = ap.parse_args()
+    rows = []
+    for model in args.models:
+        for bits, group in ((4, 128), (3, 128)):
+            a = ours(
+                model, bits, group, args.work / f"{model}-w{bits}", args.n_samples, args.seq_len
+            )
+            b = peer(args.peer_python, model, bits, group, args.n_samples, args.seq_len)
+            assert a["calib_sha256"] == b["calib_sha256"], "calibration windows differ"
+            rows.append(
+                {"model": model, "bits": bits, "group": group, "lwq": a, "llm_compressor": b}
+            )
+    wiki = WIKITEXT.is_file()
+    head = ["model", "setting", "lwq ppl val", "llm-compressor ppl val", "ratio val"]
+    head += ["lwq ppl wiki", "llm-compressor ppl wiki", "ratio wiki"] if wiki else []
+    head += ["lwq s", "llm-compressor s"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        a, b = r["lwq"], r["llm_compressor"]
+        cells = [
+            r["model"],
+            f"W{r['bits']} g{r['group']}",
+            f"{a['ppl_validation']:.3f}",
+            f"{b['ppl_validation']:.3f}",
+            f"{a['ppl_validation'] / b['ppl_validation']:.4f}",
+        ]
+        if wiki:
+            cells += [
+                f"{a['ppl_wikitext2']:.2f}",
+                f"{b['ppl_wikitext2']:.2f}",
+                f"{a['ppl_wikitext2'] / b['ppl_wikitext2']:.4f}",
+            ]
+        cells += [f"{a['seconds']:.0f}", f"{b['seconds']:.0f}"]
+        print("| " + " | ".join(cells) + " |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
