@@ -7,7 +7,9 @@ codes_lo       b_lo-bit codes of the weights not in the mask, row-major
 codes_hi       b_hi-bit codes of the masked (high-impact) weights, row-major
 scales         float16 scale per (row, group) of the low grid
 zeros          b_lo-bit zero point per (row, group); absent when symmetric
-mask           the high-impact map, 1 bit per weight ("bitmap" encoding)
+mask...        the high-impact map: 1 bit per weight (``bitmap``) or the
+               Elias-Fano code of its positions (``elias_fano``, sections
+               mask_low and mask_high); see ``lwq.pack.maskcode``
 hi_scales      float16 scale of the high grid, only for the (row, group)
                pairs that hold at least one masked weight
 hi_zeros       b_hi-bit zero points of those pairs; absent when symmetric
@@ -25,11 +27,11 @@ from dataclasses import dataclass, field
 import torch
 
 from lwq.pack.bits import pack_bits, packed_nbytes, unpack_bits
+from lwq.pack.maskcode import cheapest_encoding, decode_mask, encode_mask, mask_nbytes
 from lwq.quant.grid import GridSpec
 from lwq.quant.types import QuantizedWeight
 
 FORMAT_VERSION = 1
-MASK_ENCODINGS = ("bitmap",)
 
 
 def payload_nbytes(
@@ -39,7 +41,7 @@ def payload_nbytes(
     hi: GridSpec | None = None,
     n_hi: int = 0,
     n_hi_groups: int = 0,
-    mask_encoding: str = "bitmap",
+    mask_encoding: str = "elias_fano",
 ) -> int:
     """Bytes of one packed layer: the cost model of the format."""
     n = d_out * d_in
@@ -48,8 +50,7 @@ def payload_nbytes(
     if not lo.symmetric:
         total += packed_nbytes(n_groups, lo.bits)
     if hi is not None:
-        assert mask_encoding in MASK_ENCODINGS
-        total += packed_nbytes(n_hi, hi.bits) + packed_nbytes(n, 1)
+        total += packed_nbytes(n_hi, hi.bits) + mask_nbytes(mask_encoding, n_hi, n)
         total += 2 * n_hi_groups
         if not hi.symmetric:
             total += packed_nbytes(n_hi_groups, hi.bits)
@@ -113,7 +114,8 @@ def _from_fp16_bytes(b: torch.Tensor) -> torch.Tensor:
     return b.clone().view(torch.float16).to(torch.float32)  # clone: offset may be odd
 
 
-def pack_layer(name: str, qw: QuantizedWeight) -> PackedLayer:
+def pack_layer(name: str, qw: QuantizedWeight, mask_encoding: str = "auto") -> PackedLayer:
+    """Pack ``qw``; ``mask_encoding`` "auto" takes the cheaper encoding for its ratio."""
     d_out, d_in = qw.shape
     lo, hi = qw.lo, qw.hi
     parts: list[tuple[str, torch.Tensor]] = []
@@ -134,8 +136,10 @@ def pack_layer(name: str, qw: QuantizedWeight) -> PackedLayer:
         assert hi is not None and qw.hi_scales is not None and qw.hi_zeros is not None
         mask = qw.mask.cpu()
         n_hi = int(mask.sum())
-        encoding = "bitmap"
-        parts.append(("mask", pack_bits(mask.reshape(-1), 1)))
+        encoding = mask_encoding
+        if encoding == "auto":
+            encoding = cheapest_encoding(n_hi, mask.numel())
+        parts.extend(encode_mask(mask, encoding))
         active = _active_groups(mask, hi)  # (d_out, n_groups) bool
         n_hi_groups = int(active.sum())
         parts.append(("hi_scales", _fp16_bytes(qw.hi_scales.cpu()[active])))
@@ -172,7 +176,9 @@ def unpack_layer(p: PackedLayer) -> QuantizedWeight:
     if hi is None:
         codes = unpack_bits(p.section("codes_lo"), lo.bits, n).view(d_out, d_in)
         return QuantizedWeight(lo, codes, scales, zeros)
-    mask = unpack_bits(p.section("mask"), 1, n).view(d_out, d_in).bool()
+    assert p.mask_encoding is not None
+    names = [k for k in p.sections if k.startswith("mask")]
+    mask = decode_mask({k: p.section(k) for k in names}, p.mask_encoding, p.n_hi, p.shape)
     codes = torch.empty(d_out, d_in, dtype=torch.uint8)
     codes[~mask] = unpack_bits(p.section("codes_lo"), lo.bits, n - p.n_hi)
     codes[mask] = unpack_bits(p.section("codes_hi"), hi.bits, p.n_hi)

@@ -27,19 +27,23 @@ def test_single_grid_round_trip(bits: int, group_size: int, symmetric: bool) -> 
 @pytest.mark.parametrize("ratio", [0.0, 0.004, 0.05, 0.3])
 @pytest.mark.parametrize("lo_bits,hi_bits", [(2, 4), (3, 8), (2, 3)])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_two_grid_round_trip(ratio: float, lo_bits: int, hi_bits: int, symmetric: bool) -> None:
+@pytest.mark.parametrize("encoding", ["bitmap", "elias_fano", "auto"])
+def test_two_grid_round_trip(
+    ratio: float, lo_bits: int, hi_bits: int, symmetric: bool, encoding: str
+) -> None:
     gen = torch.Generator().manual_seed(3)
     W = torch.randn(32, 256, generator=gen)
     mask = torch.rand(32, 256, generator=gen) < ratio
     lo, hi = GridSpec(lo_bits, 64, symmetric), GridSpec(hi_bits, 64, symmetric)
     qw = rtn_quantize(W, lo, mask, hi)
-    p = pack_layer("l", qw)
+    p = pack_layer("l", qw, encoding)
     back = unpack_layer(p)
     assert back.mask is not None and torch.equal(back.mask, mask)
     assert torch.equal(back.codes, qw.codes)
     assert torch.equal(back.dequantize(), qw.dequantize())
     assert p.n_hi == int(mask.sum())
-    expected = payload_nbytes(32, 256, lo, hi, p.n_hi, p.n_hi_groups, "bitmap")
+    assert p.mask_encoding is not None
+    expected = payload_nbytes(32, 256, lo, hi, p.n_hi, p.n_hi_groups, p.mask_encoding)
     assert p.nbytes == expected
     assert p.meta()["nbytes"] == expected
 
