@@ -13,8 +13,6 @@ Both directions are vectorised.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lwq.pack.bits import pack_bits, packed_nbytes, unpack_bits
@@ -23,7 +21,8 @@ ENCODINGS = ("bitmap", "elias_fano")
 
 
 def ef_low_bits(m: int, universe: int) -> int:
-    return max(0, int(math.floor(math.log2(universe / m)))) if m else 0
+    """floor(log2(universe / m)), computed on integers (no float rounding)."""
+    return max(0, (universe // m).bit_length() - 1) if m else 0
 
 
 def ef_nbytes(m: int, universe: int) -> tuple[int, int]:
