@@ -1,0 +1,73 @@
+"""The cost model: bytes of a layer at ratio r, exactly as the packer writes them.
+
+With the mask fixed by the saliency ranking (the top ceil(r n) weights), every
+term of ``lwq.pack.layer.payload_nbytes`` is known before quantization: the
+codes and the Elias-Fano mask depend only on the count, and the high grid's
+parameters are paid per (row, group) pair that holds a masked weight, which
+becomes active at the rank of its most salient weight. ``LayerCost`` keeps those
+activation ranks sorted, so the exact cost at any r is one binary search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lwq.method.saliency import n_protected
+from lwq.pack.layer import payload_nbytes
+from lwq.pack.maskcode import cheapest_encoding
+from lwq.quant.grid import GridSpec
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    shape: tuple[int, int]  # (d_out, d_in)
+    lo: GridSpec
+    hi: GridSpec
+    activation_ranks: torch.Tensor  # (pairs,) sorted: rank at which each (row, group) activates
+
+    @property
+    def n(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def n_hi(self, ratio: float) -> int:
+        return n_protected(self.n, ratio)
+
+    def nbytes(self, ratio: float) -> int:
+        """Bytes of the packed layer at ``ratio`` (what ``pack_layer`` writes)."""
+        k = self.n_hi(ratio)
+        d_out, d_in = self.shape
+        if k == 0:
+            return payload_nbytes(d_out, d_in, self.lo)
+        active = int(torch.searchsorted(self.activation_ranks, k))  # pairs with rank < k
+        enc = cheapest_encoding(k, self.n)
+        return payload_nbytes(d_out, d_in, self.lo, self.hi, k, active, enc)
+
+    def bits(self, ratio: float) -> float:
+        return 8.0 * self.nbytes(ratio)
+
+    def slope(self, ratio: float, step: float, r_max: float) -> float:
+        """Bits per unit of ratio, by a forward difference (backward at r_max)."""
+        a, b = (ratio, min(r_max, ratio + step))
+        if b - a < step / 2:
+            a, b = max(0.0, ratio - step), ratio
+        return (self.bits(b) - self.bits(a)) / (b - a)
+
+
+def layer_cost(
+    name: str, order: torch.Tensor, shape: tuple[int, int], lo: GridSpec, hi: GridSpec
+) -> LayerCost:
+    """Cost curve of a layer from its saliency ``ranking`` (flat row-major order)."""
+    d_out, d_in = shape
+    n = d_out * d_in
+    rank = torch.empty(n, dtype=torch.int64)
+    rank[order] = torch.arange(n)
+    g = hi.group_len(d_in)
+    cols = torch.arange(d_in).repeat(d_out)
+    rows = torch.arange(d_out).repeat_interleave(d_in)
+    pair = rows * hi.n_groups(d_in) + cols // g  # (n,) the (row, group) of each weight
+    first = torch.full((d_out * hi.n_groups(d_in),), n, dtype=torch.int64)
+    first.scatter_reduce_(0, pair, rank, reduce="amin")
+    return LayerCost(name, shape, lo, hi, torch.sort(first).values)

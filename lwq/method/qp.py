@@ -1,0 +1,227 @@
+"""The ratio allocation: a convex QP over the per-layer high-impact ratios.
+
+METHOD.md, "The quadratic program": with a_i the output (logit) change of
+quantizing layer i alone at r = 0 and b_i its chord slope up to r_max, both
+weighted by the output Fisher and sketched, the predicted loss increase is
+
+    1/2 || sum_i (a_i - r_i b_i) ||^2 = const - c^T r + 1/2 r^T Q r,
+
+Q = B^T B, c_j = sum_i (A^T B)_ij. The cross terms of Q and c are the
+inter-layer dependencies; ``objective="diagonal"`` drops them, ``"fixed"``
+gives every layer one ratio. The budget sum_i bits_i(r_i) <= B * sum_i n_i uses
+the exact cost curves of ``lwq.method.cost``; they are concave in r, so the
+constraint is replaced by its tangent at the current solution (a tangent
+over-estimates a concave function, so the budget still holds), solved, and
+repeated; a last exact repair scales the ratios so the true bytes meet the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from lwq.errors import ConfigError, LwqError
+from lwq.method.cost import LayerCost
+
+log = logging.getLogger(__name__)
+
+Objective = Literal["full", "diagonal", "fixed"]
+SOLVERS = ("CLARABEL", "OSQP")
+
+
+class SolverError(LwqError):
+    """The QP solver did not reach an optimal solution."""
+
+
+@dataclass(frozen=True)
+class SensitivityProfile:
+    """Gram matrices of the per-layer output changes: the whole QP input.
+
+    ``AtA[i, j] = <a_i, a_j>``, ``AtB[i, j] = <a_i, b_j>``, ``BtB[i, j] = <b_i, b_j>``,
+    each divided by the number of calibration tokens, so 1/2 ||sum_i a_i||^2 is
+    the predicted mean KL divergence per token.
+    """
+
+    names: tuple[str, ...]
+    r_max: float
+    AtA: torch.Tensor  # (N, N) float64
+    AtB: torch.Tensor
+    BtB: torch.Tensor
+    n_tokens: int
+    meta: tuple[tuple[str, str], ...] = ()
+    version: int = 1
+
+    def predicted_loss(
+        self, ratios: Sequence[float] | torch.Tensor, objective: Objective = "full"
+    ) -> float:
+        """1/2 ||sum_i (a_i - r_i b_i)||^2 (diagonal: the sum of the per-layer terms)."""
+        r = torch.as_tensor(ratios, dtype=torch.float64)
+        if objective == "diagonal":
+            d = self.AtA.diagonal() - 2 * r * self.AtB.diagonal() + r * r * self.BtB.diagonal()
+            return 0.5 * float(d.sum())
+        return 0.5 * float(self.AtA.sum() - 2 * (self.AtB.sum(dim=0) * r).sum() + r @ self.BtB @ r)
+
+    def per_layer_loss(self, ratios: Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """Each layer's own term 1/2 ||a_i - r_i b_i||^2 (cross terms excluded)."""
+        r = torch.as_tensor(ratios, dtype=torch.float64)
+        return 0.5 * (
+            self.AtA.diagonal() - 2 * r * self.AtB.diagonal() + r * r * self.BtB.diagonal()
+        )
+
+
+@dataclass(frozen=True)
+class Allocation:
+    names: tuple[str, ...]
+    ratios: tuple[float, ...]
+    objective: str
+    budget: float  # requested average bits per quantized weight
+    bits: float  # cost-model bits per weight of this allocation (= bytes on disk)
+    predicted_loss: float  # full objective, whatever was optimised
+    solver: str
+    seconds: float
+    iterations: int
+    version: int = 1
+
+
+def total_bits(costs: Sequence[LayerCost], ratios: Sequence[float]) -> float:
+    return sum(c.bits(r) for c, r in zip(costs, ratios, strict=True))
+
+
+def feasible_range(costs: Sequence[LayerCost], r_max: float) -> tuple[float, float]:
+    """(min, max) average bits per weight reachable with 0 <= r <= r_max."""
+    n = sum(c.n for c in costs)
+    return total_bits(costs, [0.0] * len(costs)) / n, total_bits(costs, [r_max] * len(costs)) / n
+
+
+def _scale_to_budget(
+    costs: Sequence[LayerCost], base: np.ndarray, r_max: float, budget_bits: float
+) -> np.ndarray:
+    """The largest s in [0, inf) with exact bits of min(r_max, s * base) within budget."""
+
+    def ratios(s: float) -> np.ndarray:
+        return np.minimum(r_max, s * base)
+
+    lo, hi = 0.0, 1.0
+    while total_bits(costs, ratios(hi).tolist()) <= budget_bits and hi < 1e6:
+        if np.all(ratios(hi) >= r_max):
+            return ratios(hi)
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if total_bits(costs, ratios(mid).tolist()) <= budget_bits:
+            lo = mid
+        else:
+            hi = mid
+    return ratios(lo)
+
+
+def _solve_qp(
+    Q: np.ndarray,
+    c: np.ndarray,
+    slope: np.ndarray,
+    rhs: float,
+    r_max: float,
+    ties: Sequence[Sequence[int]],
+    solver: str,
+    tol: float,
+) -> np.ndarray:
+    import cvxpy as cp
+
+    n = len(c)
+    # Q is PSD in exact arithmetic; clip rounding negatives and factor it, so
+    # the objective is 1/2 ||L^T r||^2 - c^T r with a dense (n, n) L.
+    w, V = np.linalg.eigh(0.5 * (Q + Q.T))
+    L = V * np.sqrt(np.clip(w, 0.0, None))
+    r = cp.Variable(n)
+    cons = [r >= 0, r <= r_max, slope @ r <= rhs]
+    for group in ties:
+        cons += [r[i] == r[group[0]] for i in group[1:]]
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(L.T @ r) - c @ r), cons)
+    kwargs = {
+        "CLARABEL": {"tol_gap_abs": tol, "tol_gap_rel": tol, "tol_feas": tol},
+        "OSQP": {"eps_abs": tol, "eps_rel": tol, "max_iter": 200_000},
+    }[solver]
+    try:
+        prob.solve(solver=solver, **kwargs)
+    except cp.error.SolverError as err:
+        other = next(s for s in SOLVERS if s != solver)
+        raise SolverError(
+            f"the QP solver {solver} failed ({err}); set method.solver={other}"
+        ) from err
+    if prob.status not in ("optimal", "optimal_inaccurate") or r.value is None:
+        other = next(s for s in SOLVERS if s != solver)
+        raise SolverError(
+            f"the QP solver {solver} ended with status {prob.status!r}; "
+            f"set method.solver={other} or loosen method.solver_tol"
+        )
+    return np.clip(np.asarray(r.value, dtype=np.float64), 0.0, r_max)
+
+
+def solve_allocation(
+    profile: SensitivityProfile,
+    costs: Sequence[LayerCost],
+    budget: float,
+    objective: Objective = "full",
+    solver: str = "CLARABEL",
+    ties: Sequence[Sequence[int]] = (),
+    iterations: int = 4,
+    tol: float = 1e-8,
+) -> Allocation:
+    """Ratios per layer that minimise the predicted loss within ``budget`` bits/weight."""
+    t0 = time.perf_counter()
+    if solver not in SOLVERS:
+        raise ConfigError(f"method.solver={solver!r}: choose one of {SOLVERS}")
+    assert [c.name for c in costs] == list(profile.names), "costs and profile disagree"
+    r_max = profile.r_max
+    n_total = sum(c.n for c in costs)
+    lo, hi = feasible_range(costs, r_max)
+    if not lo <= budget <= hi:
+        raise ConfigError(
+            f"budget {budget} bits per weight is infeasible: with these grids and "
+            f"0 <= r <= r_max={r_max} the feasible range is [{lo:.4f}, {hi:.4f}]"
+        )
+    budget_bits = budget * n_total
+    n = len(costs)
+    # The fixed-ratio allocation: the feasible start of the iteration and the ablation.
+    r = _scale_to_budget(costs, np.full(n, r_max), r_max, budget_bits)
+    r = np.full(n, float(r.min()))
+    done = 0
+    if objective != "fixed":
+        AtB = profile.AtB.double().numpy()
+        BtB = profile.BtB.double().numpy()
+        if objective == "diagonal":
+            Q, c = np.diag(np.diag(BtB)), np.diag(AtB).copy()
+        else:
+            Q, c = BtB, AtB.sum(axis=0)
+        step = max(1e-4, 0.02 * r_max)
+        for done in range(1, iterations + 1):
+            slope = np.array(
+                [cost.slope(float(ri), step, r_max) for cost, ri in zip(costs, r, strict=True)]
+            )
+            at = np.array([cost.bits(float(ri)) for cost, ri in zip(costs, r, strict=True)])
+            rhs = budget_bits - float((at - slope * r).sum())
+            new = _solve_qp(Q, c, slope, rhs, r_max, ties, solver, tol)
+            moved = float(np.abs(new - r).max())
+            r = new
+            if moved < 1e-5:
+                break
+        # Exact repair: the tangent is only an approximation of the step-wise cost.
+        r = _scale_to_budget(costs, np.maximum(r, 1e-12), r_max, budget_bits)
+    ratios = tuple(float(x) for x in r)
+    return Allocation(
+        names=profile.names,
+        ratios=ratios,
+        objective=objective,
+        budget=budget,
+        bits=total_bits(costs, ratios) / n_total,
+        predicted_loss=profile.predicted_loss(ratios),
+        solver=solver if objective != "fixed" else "bisection",
+        seconds=time.perf_counter() - t0,
+        iterations=done,
+    )

@@ -1,0 +1,38 @@
+"""The cost model equals the bytes the packer writes, at every ratio."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lwq.method.cost import layer_cost
+from lwq.method.saliency import ranking, top_mask
+from lwq.pack.layer import pack_layer
+from lwq.quant.grid import GridSpec
+from lwq.quant.rtn import rtn_quantize
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.001, 0.01, 0.03, 0.1, 0.3, 0.6])
+@pytest.mark.parametrize("group", [32, 48])
+def test_cost_model_equals_packed_bytes(ratio: float, group: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 160, generator=gen)
+    scores = W.abs() * (torch.rand(160, generator=gen) + 0.1)  # column-structured saliency
+    order = ranking(scores)
+    lo, hi = GridSpec(2, group), GridSpec(4, group)
+    cost = layer_cost("l", order, (40, 160), lo, hi)
+    mask = top_mask(order, (40, 160), ratio)
+    if ratio == 0.0:
+        packed = pack_layer("l", rtn_quantize(W, lo))
+    else:
+        packed = pack_layer("l", rtn_quantize(W, lo, mask, hi))
+    assert cost.nbytes(ratio) == packed.nbytes
+
+
+def test_cost_grows_with_ratio_and_slope_is_positive() -> None:
+    W = torch.randn(64, 256)
+    cost = layer_cost("l", ranking(W.abs()), (64, 256), GridSpec(2, 128), GridSpec(4, 128))
+    values = [cost.bits(r) for r in (0.0, 0.01, 0.05, 0.1, 0.2)]
+    assert values == sorted(values)
+    assert cost.slope(0.05, 0.01, 0.3) > 0
+    assert cost.slope(0.3, 0.01, 0.3) > 0  # backward difference at r_max

@@ -1,0 +1,92 @@
+"""The allocation QP on synthetic profiles with known structure."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from lwq.errors import ConfigError
+from lwq.method.cost import LayerCost, layer_cost
+from lwq.method.qp import SensitivityProfile, feasible_range, solve_allocation, total_bits
+from lwq.method.saliency import ranking
+from lwq.quant.grid import GridSpec
+
+
+def synthetic(
+    n_layers: int,
+    k: int = 64,
+    seed: int = 0,
+    r_max: float = 0.3,
+    shape: tuple[int, int] = (16, 128),
+) -> tuple[SensitivityProfile, list[LayerCost]]:
+    """Layers whose output changes a_i shrink linearly with r, with shared directions."""
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randn(k, generator=gen, dtype=torch.float64)
+    scale = torch.rand(n_layers, generator=gen, dtype=torch.float64) * 3 + 0.2
+    A = torch.stack(
+        [s * (0.7 * shared + torch.randn(k, generator=gen, dtype=torch.float64)) for s in scale],
+        dim=1,
+    )  # (k, N) columns a_i
+    B = A / r_max * (0.5 + 0.5 * torch.rand(n_layers, generator=gen, dtype=torch.float64))
+    names = tuple(f"l{i}" for i in range(n_layers))
+    profile = SensitivityProfile(names, r_max, A.T @ A, A.T @ B, B.T @ B, n_tokens=1)
+    lo, hi = GridSpec(2, 64), GridSpec(4, 64)
+    costs = [layer_cost(n, ranking(torch.rand(shape, generator=gen)), shape, lo, hi) for n in names]
+    return profile, costs
+
+
+def test_full_beats_diagonal_beats_fixed_at_equal_bits() -> None:
+    profile, costs = synthetic(12)
+    lo, hi = feasible_range(costs, profile.r_max)
+    budget = lo + 0.3 * (hi - lo)
+    runs = {o: solve_allocation(profile, costs, budget, o) for o in ("fixed", "diagonal", "full")}
+    for a in runs.values():
+        assert a.bits <= budget + 1e-9
+        assert a.bits >= budget - 0.02
+        assert all(0 <= r <= profile.r_max + 1e-9 for r in a.ratios)
+    assert len(set(runs["fixed"].ratios)) == 1
+    assert runs["full"].predicted_loss <= runs["diagonal"].predicted_loss + 1e-9
+    assert runs["full"].predicted_loss < runs["fixed"].predicted_loss
+
+
+def test_matches_brute_force_on_two_layers() -> None:
+    profile, costs = synthetic(2, shape=(32, 256))
+    lo, hi = feasible_range(costs, profile.r_max)
+    budget = lo + 0.4 * (hi - lo)
+    alloc = solve_allocation(profile, costs, budget, "full")
+    grid = np.linspace(0, profile.r_max, 121)
+    best = min(
+        (
+            profile.predicted_loss([a, b])
+            for a, b in itertools.product(grid, grid)
+            if total_bits(costs, [a, b]) <= budget * sum(c.n for c in costs)
+        ),
+    )
+    assert alloc.predicted_loss <= best * 1.01 + 1e-9
+
+
+def test_solvers_agree_and_ties_hold() -> None:
+    profile, costs = synthetic(8)
+    lo, hi = feasible_range(costs, profile.r_max)
+    budget = 0.5 * (lo + hi)
+    a = solve_allocation(profile, costs, budget, "full", solver="CLARABEL")
+    b = solve_allocation(profile, costs, budget, "full", solver="OSQP", tol=1e-7)
+    assert a.predicted_loss == pytest.approx(b.predicted_loss, rel=1e-2)
+    tied = solve_allocation(profile, costs, budget, "full", ties=[[0, 1, 2], [5, 6]])
+    assert tied.ratios[0] == pytest.approx(tied.ratios[1], abs=1e-6)
+    assert tied.ratios[0] == pytest.approx(tied.ratios[2], abs=1e-6)
+    assert tied.ratios[5] == pytest.approx(tied.ratios[6], abs=1e-6)
+
+
+def test_infeasible_budget_states_the_range() -> None:
+    profile, costs = synthetic(4)
+    lo, hi = feasible_range(costs, profile.r_max)
+    with pytest.raises(ConfigError, match=rf"feasible range is \[{lo:.4f}, {hi:.4f}\]"):
+        solve_allocation(profile, costs, lo - 0.1)
+    with pytest.raises(ConfigError, match="infeasible"):
+        solve_allocation(profile, costs, hi + 0.1)
+    with pytest.raises(ConfigError, match="method.solver"):
+        solve_allocation(profile, costs, lo, solver="GUROBI")
