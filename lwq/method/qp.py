@@ -200,7 +200,8 @@ def solve_allocation(
         else:
             Q, c = BtB, AtB.sum(axis=0)
         step = max(1e-4, 0.02 * r_max)
-        for done in range(1, iterations + 1):
+        for it in range(1, iterations + 1):
+            done = it
             slope = np.array(
                 [cost.slope(float(ri), step, r_max) for cost, ri in zip(costs, r, strict=True)]
             )

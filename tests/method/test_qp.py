@@ -88,5 +88,5 @@ def test_infeasible_budget_states_the_range() -> None:
         solve_allocation(profile, costs, lo - 0.1)
     with pytest.raises(ConfigError, match="infeasible"):
         solve_allocation(profile, costs, hi + 0.1)
-    with pytest.raises(ConfigError, match="method.solver"):
+    with pytest.raises(ConfigError, match=r"method\.solver"):
         solve_allocation(profile, costs, lo, solver="GUROBI")
