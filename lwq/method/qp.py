@@ -112,13 +112,21 @@ def _scale_to_budget(
         if np.all(ratios(hi) >= r_max):
             return ratios(hi)
         lo, hi = hi, hi * 2
-    for _ in range(60):
+    while hi - lo > 1e-6 * hi:  # ~20 halvings: far below one bit of the budget
         mid = 0.5 * (lo + hi)
         if total_bits(costs, ratios(mid).tolist()) <= budget_bits:
             lo = mid
         else:
             hi = mid
     return ratios(lo)
+
+
+def _project_psd(Q: np.ndarray) -> np.ndarray:
+    """Nearest PSD matrix (eigenvalues clipped at 0): B^T B is PSD up to rounding."""
+    w, V = np.linalg.eigh(0.5 * (Q + Q.T))
+    if w.min() >= 0:
+        return 0.5 * (Q + Q.T)
+    return (V * np.clip(w, 0.0, None)) @ V.T
 
 
 def _solve_qp(
@@ -134,15 +142,13 @@ def _solve_qp(
     import cvxpy as cp
 
     n = len(c)
-    # Q is PSD in exact arithmetic; clip rounding negatives and factor it, so
-    # the objective is 1/2 ||L^T r||^2 - c^T r with a dense (n, n) L.
-    w, V = np.linalg.eigh(0.5 * (Q + Q.T))
-    L = V * np.sqrt(np.clip(w, 0.0, None))
     r = cp.Variable(n)
     cons = [r >= 0, r <= r_max, slope @ r <= rhs]
     for group in ties:
         cons += [r[i] == r[group[0]] for i in group[1:]]
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(L.T @ r) - c @ r), cons)
+    # Q is handed to the solver as the QP's quadratic term (no factorisation);
+    # it is PSD by construction, projected once by the caller.
+    prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(r, cp.psd_wrap(Q)) - c @ r), cons)
     kwargs = {
         "CLARABEL": {"tol_gap_abs": tol, "tol_gap_rel": tol, "tol_feas": tol},
         "OSQP": {"eps_abs": tol, "eps_rel": tol, "max_iter": 200_000},
@@ -198,7 +204,7 @@ def solve_allocation(
         if objective == "diagonal":
             Q, c = np.diag(np.diag(BtB)), np.diag(AtB).copy()
         else:
-            Q, c = BtB, AtB.sum(axis=0)
+            Q, c = _project_psd(BtB), AtB.sum(axis=0)
         step = max(1e-4, 0.02 * r_max)
         for it in range(1, iterations + 1):
             done = it
