@@ -77,8 +77,8 @@ def main() -> None:
                     profile,
                     costs,
                     budget,
-                    objective,
-                    solver=solver,  # type: ignore[arg-type]
+                    objective,  # type: ignore[arg-type]
+                    solver=solver,
                     tol=1e-7,
                 )
                 times.append(alloc.seconds)
