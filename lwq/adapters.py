@@ -30,6 +30,8 @@ class ModelAdapter:
     # input: layers in one group see the same X, hence the same Hessian.
     input_groups: tuple[tuple[str, ...], ...]
     transposed: bool = False  # weight stored as (d_in, d_out)
+    # Module applied to the last block's output before the LM head.
+    final_norm: str = "model.norm"
     # (regex on checkpoint key, replacement) for tensors whose file name differs
     # from the module name (transformers renames them on load).
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
@@ -49,6 +51,17 @@ class ModelAdapter:
             mod = getattr(mod, part)
         assert isinstance(mod, nn.ModuleList), f"{self.blocks} is not a ModuleList"
         return mod
+
+    def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last block's output: final norm, then the LM head."""
+        out = model.get_submodule(self.final_norm)(hidden)
+        project_out = getattr(
+            model.get_submodule(self.blocks.rsplit(".", 1)[0]), "project_out", None
+        )
+        if project_out is not None:  # OPT-350m style projection
+            out = project_out(out)
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        return head(out)  # type: ignore[no-any-return]
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
         """The block's quantizable modules by name, in forward order."""
@@ -106,7 +119,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         "opt",
         ("opt",),
         "model.decoder.layers",
-        (
+        final_norm="model.decoder.final_layer_norm",
+        input_groups=(
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
             ("self_attn.out_proj",),
             ("fc1",),
@@ -119,12 +133,14 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         "transformer.h",
         (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         transposed=True,
+        final_norm="transformer.ln_f",
     ),
     ModelAdapter(
         "gpt_neox",
         ("gpt_neox",),
         "gpt_neox.layers",
-        (
+        final_norm="gpt_neox.final_layer_norm",
+        input_groups=(
             ("attention.query_key_value",),
             ("attention.dense",),
             ("mlp.dense_h_to_4h",),

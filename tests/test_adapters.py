@@ -68,3 +68,19 @@ def test_zoo_models_have_adapters(name: str) -> None:
 def test_unsupported_architecture_lists_the_supported_ones() -> None:
     with pytest.raises(ConfigError, match=r"'bert' is not supported.*gpt2.*llama.*opt"):
         adapter_for("bert")
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_head_after_blocks_reproduces_the_logits(model_type: str) -> None:
+    from lwq.stats import InMemoryCausalLM, capture_block_inputs, run_block
+
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config.model_type)
+    ids = torch.randint(0, 96, (2, 12))
+    inputs = capture_block_inputs(InMemoryCausalLM(model, adapter), [ids])
+    for block in adapter.get_blocks(model):
+        inputs.hidden = run_block(block, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            adapter.head(model, inputs.hidden[0]), model(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
