@@ -1,0 +1,60 @@
+"""The sensitivity profile predicts the measured KL divergence of single layers."""
+
+from __future__ import annotations
+
+import torch
+from conftest import ZOO
+
+from lwq.adapters import adapter_for
+from lwq.calibration import build_calibration_set
+from lwq.eval.divergence import output_divergence
+from lwq.method.layer import quantize_at_ratio
+from lwq.method.saliency import ranking
+from lwq.method.sensitivity import ProbeSettings, fisher_sketch, sensitivity_profile
+from lwq.models import load_model_dir
+from lwq.quant.grid import GridSpec
+
+
+def test_fisher_sketch_norm_is_the_quadratic_form() -> None:
+    logits = torch.randn(5, 50)
+    delta = torch.randn(5, 50) * 0.1
+    p = torch.softmax(logits, -1)
+    exact = torch.stack([d @ (torch.diag(q) - torch.outer(q, q)) @ d for q, d in zip(p, delta)])
+    z = fisher_sketch(logits, delta, torch.eye(50))  # identity "sketch"
+    torch.testing.assert_close(z.square().sum(-1), exact, rtol=1e-4, atol=1e-7)
+
+
+def test_single_layer_prediction_matches_measurement() -> None:
+    model, tok = load_model_dir(ZOO / "llama-6l-128d")
+    adapter = adapter_for("llama")
+    calib = build_calibration_set(tok, ZOO / "data" / "calibration.txt", 8, 128, seed=1)
+    names = [n for n, _ in adapter.iter_layers(model)][:14]  # the first two blocks
+    modules = dict(adapter.iter_layers(model))
+    lo, hi = GridSpec(2, 128), GridSpec(4, 128)
+    orders = {n: ranking(adapter.read_weight(modules[n]).abs()) for n in names}
+
+    def probe(name: str, r: float) -> torch.Tensor:
+        W = adapter.read_weight(modules[name])
+        return quantize_at_ratio(W, None, orders[name], r, lo, hi, gptq=None).dequantize()
+
+    prof = sensitivity_profile(
+        model,
+        adapter,
+        calib,
+        probe,
+        names,
+        ProbeSettings(r_max=0.3, sketch_dim=256, batch_size=4),
+        progress=False,
+    )
+    assert prof.AtA.shape == (14, 14) and prof.n_tokens == 8 * 128
+    torch.testing.assert_close(prof.AtA, prof.AtA.T)
+    assert float(torch.linalg.eigvalsh(prof.BtB).min()) > -1e-8 * float(prof.BtB.diagonal().max())
+    ref, _ = load_model_dir(ZOO / "llama-6l-128d")
+    for i in (0, 6, 13):  # q_proj of block 0, down_proj of block 0, down_proj of block 1
+        name = names[i]
+        W = adapter.read_weight(modules[name])
+        adapter.write_weight(modules[name], probe(name, 0.0))
+        measured = output_divergence(ref, model, calib.input_ids).kl
+        adapter.write_weight(modules[name], W)
+        predicted = 0.5 * float(prof.AtA[i, i])
+        assert 0.6 < predicted / measured < 1.6, (name, predicted, measured)
