@@ -19,7 +19,9 @@ def test_fisher_sketch_norm_is_the_quadratic_form() -> None:
     logits = torch.randn(5, 50)
     delta = torch.randn(5, 50) * 0.1
     p = torch.softmax(logits, -1)
-    exact = torch.stack([d @ (torch.diag(q) - torch.outer(q, q)) @ d for q, d in zip(p, delta)])
+    exact = torch.stack(
+        [d @ (torch.diag(q) - torch.outer(q, q)) @ d for q, d in zip(p, delta, strict=True)]
+    )
     z = fisher_sketch(logits, delta, torch.eye(50))  # identity "sketch"
     torch.testing.assert_close(z.square().sum(-1), exact, rtol=1e-4, atol=1e-7)
 
