@@ -88,8 +88,17 @@ def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from lwq.config import load_config, with_overrides
     from lwq.quantize import quantize
 
+    base = load_config(args.config)
+    method = args.method or base.quant.method
+    bits_key = "method.budget" if method == "lwq" else "quant.bits"
+    if args.bits is not None and method != "lwq" and not float(args.bits).is_integer():
+        raise LwqError(
+            f"--bits {args.bits}: rtn and gptq take whole bits (2, 3, 4, 8); "
+            "a fractional budget needs --method lwq"
+        )
+    bits = None if args.bits is None else (args.bits if method == "lwq" else int(args.bits))
     config = with_overrides(
-        load_config(args.config),
+        base,
         {
             "model": None if args.model is None else str(args.model),
             "out": None if args.out is None else str(args.out),
@@ -101,7 +110,8 @@ def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "calib.seed": args.seed,
             "calib.mode": args.mode,
             "quant.method": args.method,
-            "quant.bits": args.bits,
+            bits_key: bits,
+            "method.objective": args.objective,
             "quant.group_size": args.group_size,
             "quant.symmetric": True if args.symmetric else None,
             "gptq.act_order": True if args.act_order else None,
@@ -111,10 +121,19 @@ def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     report = quantize(config, progress=not args.quiet)
     bits = report.manifest["bits"]
     print(f"checkpoint: {report.out}")
-    print(
-        f"{len(report.layers)} layers quantized ({config.quant.method}, {config.quant.bits}-bit, "
-        f"group {config.quant.group_size}) in {report.seconds:.1f} s"
-    )
+    if config.quant.method == "lwq":
+        a = report.manifest["allocation"]
+        ratios = [x["ratio"] for x in a["layers"]]
+        print(
+            f"{len(ratios)} layers quantized (lwq, {config.method.hi_bits}/"
+            f"{config.method.lo_bits}-bit, objective {a['objective']}) in {report.seconds:.1f} s; "
+            f"ratios {min(ratios):.2%}..{max(ratios):.2%}, predicted KL {a['predicted_kl']:.4f}"
+        )
+    else:
+        print(
+            f"{len(report.layers)} layers quantized ({config.quant.method}, "
+            f"{config.quant.bits}-bit, group {config.quant.group_size}) in {report.seconds:.1f} s"
+        )
     print(
         f"bits per quantized weight: {bits['from_bytes']:.4f} measured from the files "
         f"({bits['from_model']:.4f} by the cost model)"
@@ -248,8 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing checkpoint in --out (overwrite)",
     )
-    qz.add_argument("--method", choices=["rtn", "gptq"], help="quant.method (default gptq)")
-    qz.add_argument("--bits", type=int, help="quant.bits: 2, 3, 4 or 8 (default 4)")
+    qz.add_argument(
+        "--method",
+        choices=["rtn", "gptq", "lwq"],
+        help="quant.method (default gptq); lwq: the layer-wise ratio method",
+    )
+    qz.add_argument(
+        "--bits",
+        type=float,
+        help="rtn/gptq: quant.bits, 2, 3, 4 or 8 (default 4); lwq: method.budget, "
+        "average bits per weight measured from the files (default 2.5)",
+    )
+    qz.add_argument(
+        "--objective",
+        choices=["full", "diagonal", "fixed"],
+        help="lwq: method.objective (default full: with cross-layer terms)",
+    )
     qz.add_argument(
         "--group-size",
         type=int,

@@ -39,7 +39,9 @@ class CalibConfig(_Strict):
 
 
 class QuantConfig(_Strict):
-    method: Literal["rtn", "gptq"] = "gptq"
+    method: Literal["rtn", "gptq", "lwq"] = Field(
+        "gptq", description="rtn, gptq, or lwq (the method: settings under method.*)"
+    )
     bits: int = Field(4, description=f"bits per weight, one of {SUPPORTED_BITS}")
     group_size: int = Field(128, description="input columns per scale (-1: one per row)")
     symmetric: bool = False
@@ -66,6 +68,35 @@ class GPTQConfig(_Strict):
     static_groups: bool = False
 
 
+class MethodConfig(_Strict):
+    """Settings of --method lwq (arXiv:2511.17801 as formulated in METHOD.md)."""
+
+    budget: float = Field(2.5, gt=0, description="average bits per quantized weight, from bytes")
+    lo_bits: int = Field(2, description="bits of the bulk of the weights")
+    hi_bits: int = Field(4, description="bits of the high-impact weights")
+    group_size: int = Field(128, description="input columns per scale, both grids")
+    scoring: Literal["obs", "act"] = "obs"
+    r_max: float = Field(0.3, gt=0, le=1, description="largest ratio; the probe's chord end")
+    objective: Literal["full", "diagonal", "fixed"] = "full"
+    solver: Literal["CLARABEL", "OSQP"] = "CLARABEL"
+    solver_tol: float = Field(1e-8, gt=0)
+    sketch_dim: int = Field(128, ge=1, description="dimensions of the sketched Fisher output")
+    probe_quantizer: Literal["gptq", "rtn"] = "gptq"
+
+    @field_validator("lo_bits", "hi_bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"must be one of {SUPPORTED_BITS}")
+        return v
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.hi_bits <= self.lo_bits:
+            raise ValueError(
+                f"method.hi_bits={self.hi_bits} must exceed method.lo_bits={self.lo_bits}"
+            )
+
+
 class LwqConfig(_Strict):
     model: str | None = Field(None, description="local Hugging Face model directory")
     out: str | None = Field(None, description="output checkpoint directory")
@@ -74,6 +105,7 @@ class LwqConfig(_Strict):
     calib: CalibConfig = CalibConfig()
     quant: QuantConfig = QuantConfig()
     gptq: GPTQConfig = GPTQConfig()
+    method: MethodConfig = MethodConfig()
 
     def require(self, *names: str) -> None:
         """Fail early when a setting the job needs is not given."""

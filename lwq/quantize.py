@@ -89,6 +89,26 @@ def unquantized_tensors(
     return out
 
 
+def quantize_lwq(config: LwqConfig, progress: bool = True) -> QuantizeReport:
+    """``--method lwq``: sensitivity profile, QP allocation, mixed 4/2-bit layers."""
+    from lwq.method.driver import allocate, prepare, quantize_allocation
+    from lwq.models import load_model_dir
+
+    t0 = time.perf_counter()
+    model_dir, out = Path(str(config.model)), Path(str(config.out))
+    model, tokenizer = load_model_dir(model_dir, device=config.device)
+    c = config.calib
+    seq_len = default_seq_len(model.config, c.seq_len)
+    calib = build_calibration_set(tokenizer, str(c.source), c.n_samples, seq_len, c.seed)
+    from lwq.adapters import adapter_for
+
+    state = prepare(model, adapter_for(model.config.model_type), calib, config, progress)
+    del model
+    alloc = allocate(state, config)
+    manifest = quantize_allocation(model_dir, out, state, alloc, calib, config, progress)
+    return QuantizeReport(out.resolve(), manifest, time.perf_counter() - t0)
+
+
 def quantize(config: LwqConfig, progress: bool = True) -> QuantizeReport:
     """Quantize ``config.model`` into ``config.out``; returns what was measured."""
     from transformers import AutoTokenizer
@@ -100,6 +120,8 @@ def quantize(config: LwqConfig, progress: bool = True) -> QuantizeReport:
     model_dir, out = Path(str(config.model)), Path(str(config.out))
     check_model_dir(model_dir)
     check_output_dir(out, config.overwrite)  # before any expensive work
+    if config.quant.method == "lwq":
+        return quantize_lwq(config, progress)
     source = LazyCausalLM(model_dir, device=config.device)
     adapter = source.adapter
     calib: CalibrationSet | None = None

@@ -30,3 +30,11 @@ def wikitext_test() -> Path:
     if not path.is_file():
         pytest.skip(f"WikiText-2 test split not found at {path} (../shared is absent)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch() -> None:
+    """Every test starts from the same random state: results never depend on order."""
+    import torch
+
+    torch.manual_seed(1234)

@@ -135,7 +135,10 @@ def gptq_quantize(
             col = i1 + i
             grp = int(group_of[col])
             if not static and col % g == 0:
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                if i + g <= i2 - i1:  # the group lies inside this block
+                    ahead = W1[:, i : i + g]
+                else:  # it starts this block and runs past it (g > block size)
+                    ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
                 fit_group(grp, ahead, None if m_all is None else m_all[:, col : col + g])
             w = W1[:, i]  # (d_out,)
             s, z = scales[:, grp], zeros[:, grp]

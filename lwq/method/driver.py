@@ -1,0 +1,223 @@
+"""``--method lwq`` end to end: prepare once, then allocate and quantize per budget.
+
+``prepare`` computes what depends only on the model, the calibration set, the
+scoring and the grids: full-precision Hessians, saliency rankings, exact cost
+curves and the sensitivity profile (``MethodState``). ``allocate`` solves the
+QP for one budget; ``quantize_allocation`` quantizes every layer at its ratio
+(one mixed-precision GPTQ pass per layer, masks from the full-precision
+saliency so the bytes are the ones the cost model counted) and writes the
+packed checkpoint with its allocation report. A sweep calls ``prepare`` once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lwq.adapters import ModelAdapter
+from lwq.calibration import CalibrationSet
+from lwq.config import LwqConfig
+from lwq.loading import LazyCausalLM
+from lwq.method.cost import LayerCost, layer_cost
+from lwq.method.layer import quantize_at_ratio
+from lwq.method.qp import Allocation, SensitivityProfile, solve_allocation
+from lwq.method.saliency import ranking, saliency
+from lwq.method.sensitivity import ProbeSettings, sensitivity_profile
+from lwq.pack.checkpoint import CheckpointWriter, check_output_dir
+from lwq.pack.layer import pack_layer
+from lwq.quant.gptq import GPTQSettings
+from lwq.quant.grid import GridSpec
+from lwq.stats import InMemoryCausalLM, iter_block_stats
+
+log = logging.getLogger(__name__)
+
+# safetensors header and metadata of one block file, reserved from the budget so
+# that the bits measured from the files (headers included) meet it.
+HEADER_ALLOWANCE_BYTES = 256
+
+
+@dataclass(frozen=True)
+class MethodState:
+    names: tuple[str, ...]
+    hessians: dict[str, torch.Tensor]  # full-precision input Hessians
+    orders: dict[str, torch.Tensor]  # saliency rankings (flat indices, best first)
+    costs: tuple[LayerCost, ...]
+    profile: SensitivityProfile
+    lo: GridSpec
+    hi: GridSpec
+    n_blocks: int
+    seconds: dict[str, float]
+    version: int = 1
+
+
+def grids(config: LwqConfig) -> tuple[GridSpec, GridSpec]:
+    m = config.method
+    return GridSpec(m.lo_bits, m.group_size), GridSpec(m.hi_bits, m.group_size)
+
+
+def gptq_settings(config: LwqConfig) -> GPTQSettings:
+    g = config.gptq
+    return GPTQSettings(g.block_size, g.damp, g.act_order, g.static_groups)
+
+
+def prepare(
+    model: Any,
+    adapter: ModelAdapter,
+    calib: CalibrationSet,
+    config: LwqConfig,
+    progress: bool = True,
+) -> MethodState:
+    """Hessians, rankings, cost curves and the sensitivity profile of ``model``."""
+    m = config.method
+    lo, hi = grids(config)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    hessians: dict[str, torch.Tensor] = {}
+    source = InMemoryCausalLM(model, adapter)
+    for step in iter_block_stats(source, calib, "parallel", config.calib.batch_size, progress):
+        hessians.update(step.hessians)
+    seconds["calibration"] = time.perf_counter() - t
+    t = time.perf_counter()
+    modules = dict(adapter.iter_layers(model))
+    names = tuple(modules)
+    orders, costs = {}, []
+    for name in names:
+        W = adapter.read_weight(modules[name])
+        orders[name] = ranking(
+            saliency(W, hessians[name], m.scoring, damp=config.gptq.damp, name=name)
+        )
+        costs.append(layer_cost(name, orders[name], (W.shape[0], W.shape[1]), lo, hi))
+    seconds["saliency"] = time.perf_counter() - t
+    t = time.perf_counter()
+    probe_gptq = gptq_settings(config) if m.probe_quantizer == "gptq" else None
+
+    def probe(name: str, r: float) -> torch.Tensor:
+        W = adapter.read_weight(modules[name])
+        qw = quantize_at_ratio(W, hessians[name], orders[name], r, lo, hi, probe_gptq, name)
+        return qw.dequantize()
+
+    profile = sensitivity_profile(
+        model,
+        adapter,
+        calib,
+        probe,
+        list(names),
+        ProbeSettings(m.r_max, m.sketch_dim, config.calib.seed, config.calib.batch_size),
+        progress,
+    )
+    seconds["sensitivity"] = time.perf_counter() - t
+    n_blocks = len(adapter.get_blocks(model))
+    return MethodState(names, hessians, orders, tuple(costs), profile, lo, hi, n_blocks, seconds)
+
+
+def allocate(state: MethodState, config: LwqConfig, budget: float | None = None) -> Allocation:
+    m = config.method
+    budget = m.budget if budget is None else budget
+    n = sum(c.n for c in state.costs)
+    reserve = state.n_blocks * HEADER_ALLOWANCE_BYTES * 8 / n
+    alloc = solve_allocation(
+        state.profile,
+        state.costs,
+        budget - reserve,
+        m.objective,
+        m.solver,
+        iterations=4,
+        tol=m.solver_tol,
+    )
+    return alloc
+
+
+def allocation_report(
+    state: MethodState, alloc: Allocation, output_error: dict[str, float]
+) -> dict[str, Any]:
+    per_layer = state.profile.per_layer_loss(alloc.ratios)
+    layers = []
+    for i, (name, r) in enumerate(zip(alloc.names, alloc.ratios, strict=True)):
+        cost = state.costs[i]
+        layers.append(
+            {
+                "name": name,
+                "ratio": r,
+                "n_hi": cost.n_hi(r),
+                "bits_per_weight": cost.bits(r) / cost.n,
+                "predicted_loss": float(per_layer[i]),
+                "output_error": output_error.get(name),
+            }
+        )
+    return {
+        "objective": alloc.objective,
+        "budget": alloc.budget,
+        "bits_cost_model": alloc.bits,
+        "predicted_kl": alloc.predicted_loss,
+        "solver": alloc.solver,
+        "solve_seconds": alloc.seconds,
+        "layers": layers,
+        "profile": {
+            "r_max": state.profile.r_max,
+            "n_tokens": state.profile.n_tokens,
+            **dict(state.profile.meta),
+        },
+    }
+
+
+def quantize_allocation(
+    model_dir: Path,
+    out: Path,
+    state: MethodState,
+    alloc: Allocation,
+    calib: CalibrationSet,
+    config: LwqConfig,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantize every layer at its ratio and write the checkpoint; returns the manifest."""
+    from lwq.quantize import unquantized_tensors
+
+    check_output_dir(out, config.overwrite)
+    ratio = dict(zip(alloc.names, alloc.ratios, strict=True))
+    settings = gptq_settings(config)
+    output_error: dict[str, float] = {}
+    source = LazyCausalLM(model_dir, device=config.device)
+    adapter = source.adapter
+    try:
+        with CheckpointWriter(out, model_dir, config.overwrite) as writer:
+            for step in iter_block_stats(
+                source, calib, config.calib.mode, config.calib.batch_size, progress
+            ):
+                packed = []
+                for name, mod in step.layers.items():
+                    W = adapter.read_weight(mod)
+                    H = step.hessians[name]
+                    qw = quantize_at_ratio(
+                        W, H, state.orders[name], ratio[name], state.lo, state.hi, settings, name
+                    )
+                    Q = qw.dequantize()
+                    dW = W - Q
+                    # Relative output error on this layer's own inputs: tr(dW H dW^T) / tr(W H W^T).
+                    output_error[name] = float(((dW @ H) * dW).sum() / ((W @ H) * W).sum())
+                    adapter.write_weight(mod, Q)
+                    packed.append(pack_layer(name, qw))
+                writer.add_block(step.index, packed)
+            writer.add_rest(unquantized_tensors(source.index, adapter, set(ratio)))
+            quantization = {
+                "method": "lwq",
+                "settings": config.model_dump(mode="json"),
+                "calibration": {
+                    "source": calib.source,
+                    "n_samples": calib.n_samples,
+                    "seq_len": calib.seq_len,
+                    "seed": calib.seed,
+                    "sha256": calib.sha256,
+                },
+            }
+            return writer.finish(
+                source.model.config.to_dict(),
+                quantization,
+                {"allocation": allocation_report(state, alloc, output_error)},
+            )
+    finally:
+        source.close()
