@@ -178,21 +178,26 @@ def solve_allocation(
     ties: Sequence[Sequence[int]] = (),
     iterations: int = 4,
     tol: float = 1e-8,
+    overhead: float = 0.0,
 ) -> Allocation:
-    """Ratios per layer that minimise the predicted loss within ``budget`` bits/weight."""
+    """Ratios per layer that minimise the predicted loss within ``budget`` bits/weight.
+
+    ``overhead`` (bits per weight) is what the files add beyond the layers'
+    payload (headers); it is part of the budget and of the reported range.
+    """
     t0 = time.perf_counter()
     if solver not in SOLVERS:
         raise ConfigError(f"method.solver={solver!r}: choose one of {SOLVERS}")
     assert [c.name for c in costs] == list(profile.names), "costs and profile disagree"
     r_max = profile.r_max
     n_total = sum(c.n for c in costs)
-    lo, hi = feasible_range(costs, r_max)
+    lo, hi = (x + overhead for x in feasible_range(costs, r_max))
     if not lo <= budget <= hi:
         raise ConfigError(
             f"budget {budget} bits per weight is infeasible: with these grids and "
             f"0 <= r <= r_max={r_max} the feasible range is [{lo:.4f}, {hi:.4f}]"
         )
-    budget_bits = budget * n_total
+    budget_bits = (budget - overhead) * n_total
     n = len(costs)
     # The fixed-ratio allocation: the feasible start of the iteration and the ablation.
     r = _scale_to_budget(costs, np.full(n, r_max), r_max, budget_bits)
@@ -226,7 +231,7 @@ def solve_allocation(
         ratios=ratios,
         objective=objective,
         budget=budget,
-        bits=total_bits(costs, ratios) / n_total,
+        bits=total_bits(costs, ratios) / n_total + overhead,
         predicted_loss=profile.predicted_loss(ratios),
         solver=solver if objective != "fixed" else "bisection",
         seconds=time.perf_counter() - t0,
