@@ -114,7 +114,13 @@ def tied_sources(model: nn.Module) -> dict[str, str]:
 class LazyCausalLM:
     """A Hugging Face causal LM with its decoder blocks loaded on demand."""
 
-    def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        path: Path,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        load_head: bool = False,
+    ):
         from transformers import AutoConfig
 
         check_model_dir(path)
@@ -133,8 +139,17 @@ class LazyCausalLM:
         }
         self.blocks = self.adapter.get_blocks(model)
         self._block_prefix = self.adapter.blocks + "."
+        # The LM head is not needed to collect statistics (inputs are captured
+        # through the base model); unless asked for, it stays on the meta device.
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is model.get_input_embeddings().weight
+        skip = set() if load_head or head is None or tied else {id(head.weight)}
         self._load_params(
-            [n for n, _ in model.named_parameters() if not n.startswith(self._block_prefix)]
+            [
+                n
+                for n, p in model.named_parameters()
+                if not n.startswith(self._block_prefix) and id(p) not in skip
+            ]
         )
         for name, buf in model.named_buffers():  # rotary frequencies etc.
             if not name.startswith(self._block_prefix):
@@ -177,6 +192,16 @@ class LazyCausalLM:
         for n, buf in self.blocks[i].named_buffers():
             set_tensor(self.model, prefix + n, buf.to(self.device))
         return self.blocks[i]
+
+    def after_capture(self) -> None:
+        """Block inputs are captured: the embeddings are no longer needed."""
+        for name, p in self.model.named_parameters():
+            if not name.startswith(self._block_prefix) and p.device.type != "meta":
+                set_tensor(
+                    self.model,
+                    name,
+                    nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False),
+                )
 
     def unload_block(self, i: int) -> None:
         """Drop block ``i``'s parameters (back to the meta device)."""

@@ -151,6 +151,7 @@ def quantize(config: LwqConfig, progress: bool = True) -> QuantizeReport:
         with CheckpointWriter(out, model_dir, config.overwrite) as writer:
             tb = time.perf_counter()
             if calib is None:  # RTN needs no statistics: just walk the blocks
+                source.after_capture()  # RTN needs no embeddings at all
                 n_blocks = len(source.blocks)
                 for i in tqdm(range(n_blocks), desc="blocks (rtn)", disable=not progress):
                     with source.block(i) as block:

@@ -110,6 +110,9 @@ class BlockSource(Protocol):
 
     def block(self, i: int) -> AbstractContextManager[nn.Module]: ...
 
+    def after_capture(self) -> None:
+        """Called once the block inputs are captured (a lazy model frees memory)."""
+
 
 class InMemoryCausalLM:
     """``BlockSource`` over a model that is already fully in memory."""
@@ -122,6 +125,9 @@ class InMemoryCausalLM:
     @contextmanager
     def block(self, i: int) -> Iterator[nn.Module]:
         yield self.adapter.get_blocks(self.model)[i]
+
+    def after_capture(self) -> None:
+        """The model stays whole: it is the caller's."""
 
 
 @dataclass
@@ -209,6 +215,7 @@ def iter_block_stats(
         raise LwqError(f"calibration mode must be 'parallel' or 'sequential', not {mode!r}")
     adapter = source.adapter
     inputs = capture_block_inputs(source, calib.batches(batch_size))
+    source.after_capture()
     n_blocks = len(adapter.get_blocks(source.model))
     for i in tqdm(range(n_blocks), desc=f"blocks ({mode})", disable=not progress, unit="block"):
         with source.block(i) as block:

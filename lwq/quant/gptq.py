@@ -49,13 +49,20 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.T
     If H is not positive definite at the requested dampening, retry at 10x
     and 100x (with a warning) before giving up with an error naming the layer.
     """
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    mean_diag = H.diagonal().mean()
+    mean_diag = float(H.diagonal().mean())
     for attempt in range(3):
         d = damp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        # One (d_in, d_in) working copy at a time: for a 5632-wide MLP input each
+        # is 127 MB, so intermediates are dropped as soon as they are used.
+        Hd = H.clone()
+        Hd.diagonal().add_(d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
-            U, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info2) == 0:
                 if attempt:
                     log.warning("%s: Hessian needed dampening %.3g to invert", name, d)
@@ -119,6 +126,7 @@ def gptq_quantize(
     group_of = order // g  # group of the column at each (permuted) position
 
     Hinv = inverse_hessian_cholesky(H, settings.damp, name)  # (d_in, d_in), upper
+    del H  # our copy; only Hinv is used from here on
     # Group starts must coincide with block starts or lie inside one block, so
     # a group's grid is fitted on weights that already carry all earlier updates.
     B = settings.block_size
