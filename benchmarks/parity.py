@@ -16,56 +16,27 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "zoo"
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `baselines`
 
 
 def ours(model: str, bits: int, group: int, work: Path, n: int, seq: int) -> dict[str, Any]:
-    import time
+    """lwq's GPTQ with the baselines' settings and evaluation (same code path)."""
+    from baselines import evaluate, run_row
+    from transformers import AutoTokenizer
 
     from lwq.calibration import build_calibration_set
-    from lwq.config import make_config
-    from lwq.eval.perplexity import perplexity_of_text
-    from lwq.pack.checkpoint import load_quantized
-    from lwq.quantize import quantize
-    from lwq.textio import read_text
 
-    cfg = make_config(
-        {
-            "model": str(ZOO / model),
-            "out": str(work),
-            "overwrite": True,
-            "calib": {
-                "source": str(ZOO / "data" / "calibration.txt"),
-                "n_samples": n,
-                "seq_len": seq,
-                "mode": "sequential",
-            },
-            "quant": {"method": "gptq", "bits": bits, "group_size": group},
-            "gptq": {"damp": 0.01, "act_order": False},
-        }
-    )
-    t = time.perf_counter()
-    report = quantize(cfg, progress=False)
-    seconds = time.perf_counter() - t
-    m, tok, manifest = load_quantized(report.out)
-    ctx = int(m.config.max_position_embeddings)
+    res = run_row(model, "gptq", bits, group, work, n, seq)
+    tok = AutoTokenizer.from_pretrained(ZOO / model)
     calib = build_calibration_set(tok, ZOO / "data" / "calibration.txt", n, seq, seed=0)
-    res = {
-        "seconds": seconds,
-        "calib_sha256": calib.sha256,
-        "bits": manifest["bits"]["from_bytes"],
-        "ppl_validation": perplexity_of_text(
-            m, tok, read_text(ZOO / "data" / "validation.txt"), ctx, 8
-        ).perplexity,
-    }
-    if WIKITEXT.is_file():
-        res["ppl_wikitext2"] = perplexity_of_text(m, tok, read_text(WIKITEXT), ctx, 8).perplexity
-    return res
+    return {**res, **evaluate(work, seq), "calib_sha256": calib.sha256}
 
 
 def peer(python: str, model: str, bits: int, group: int, n: int, seq: int) -> dict[str, Any]:
