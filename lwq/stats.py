@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lwq.adapters import ModelAdapter
 from lwq.calibration import CalibrationSet
 from lwq.errors import LwqError
+from lwq.memory import release
 
 Mode = Literal["parallel", "sequential"]
 
@@ -242,3 +243,5 @@ def iter_block_stats(
             if mode == "sequential":
                 outputs = run_block(block, inputs)  # after the consumer quantized it
         inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
+        del states, hessians, hooks
+        release()  # the block's weights, Hessians and activations go back to the OS
