@@ -91,6 +91,7 @@ def unquantized_tensors(
 
 def quantize_lwq(config: LwqConfig, progress: bool = True) -> QuantizeReport:
     """``--method lwq``: sensitivity profile, QP allocation, mixed 4/2-bit layers."""
+    from lwq.adapters import adapter_for
     from lwq.method.driver import allocate, prepare, quantize_allocation
     from lwq.models import load_model_dir
 
@@ -100,8 +101,6 @@ def quantize_lwq(config: LwqConfig, progress: bool = True) -> QuantizeReport:
     c = config.calib
     seq_len = default_seq_len(model.config, c.seq_len)
     calib = build_calibration_set(tokenizer, str(c.source), c.n_samples, seq_len, c.seed)
-    from lwq.adapters import adapter_for
-
     state = prepare(model, adapter_for(model.config.model_type), calib, config, progress)
     del model
     alloc = allocate(state, config)
