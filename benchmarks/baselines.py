@@ -36,7 +36,14 @@ SETTINGS = [  # (method, bits, group size)
 
 
 def run_row(
-    model: str, method: str, bits: int, group: int, out: Path, n_samples: int, seq_len: int
+    model: str,
+    method: str,
+    bits: int,
+    group: int,
+    out: Path,
+    n_samples: int,
+    seq_len: int,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Quantize in this process and return timing and peak RSS (KiB -> MiB)."""
     from lwq.config import make_config
@@ -51,6 +58,7 @@ def run_row(
                 "source": str(ZOO / "data" / "calibration.txt"),
                 "n_samples": n_samples,
                 "seq_len": seq_len,
+                "seed": seed,
                 "mode": "sequential",
             },
             "quant": {"method": method, "bits": bits, "group_size": group},

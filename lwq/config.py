@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lwq.errors import ConfigError
-from lwq.quant.grid import SUPPORTED_BITS
+from lwq.quant.grid import FLOAT_BITS, SUPPORTED_BITS
 
 
 class _Strict(BaseModel):
@@ -73,7 +73,9 @@ class MethodConfig(_Strict):
 
     budget: float = Field(2.5, gt=0, description="average bits per quantized weight, from bytes")
     lo_bits: int = Field(2, description="bits of the bulk of the weights")
-    hi_bits: int = Field(4, description="bits of the high-impact weights")
+    hi_bits: int = Field(
+        4, description="bits of the high-impact weights (16: float16 values, dense-and-sparse)"
+    )
     group_size: int = Field(128, description="input columns per scale, both grids")
     scoring: Literal["obs", "act"] = "obs"
     r_max: float = Field(0.3, gt=0, le=1, description="largest ratio; the probe's chord end")
@@ -83,11 +85,18 @@ class MethodConfig(_Strict):
     sketch_dim: int = Field(128, ge=1, description="dimensions of the sketched Fisher output")
     probe_quantizer: Literal["gptq", "rtn"] = "gptq"
 
-    @field_validator("lo_bits", "hi_bits")
+    @field_validator("lo_bits")
     @classmethod
     def _bits(cls, v: int) -> int:
         if v not in SUPPORTED_BITS:
             raise ValueError(f"must be one of {SUPPORTED_BITS}")
+        return v
+
+    @field_validator("hi_bits")
+    @classmethod
+    def _hi_bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS and v != FLOAT_BITS:
+            raise ValueError(f"must be one of {SUPPORTED_BITS} or {FLOAT_BITS} (float16)")
         return v
 
     def model_post_init(self, _context: Any) -> None:

@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--symmetric", action="store_true")
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     ap.add_argument("--calib", type=Path, default=REPO / "zoo" / "data" / "calibration.txt")
     ap.add_argument("--data", type=Path, default=REPO / "zoo" / "data" / "validation.txt")
     args = ap.parse_args()
@@ -67,7 +68,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     converted = conv1d_to_linear(model)
-    calib = build_calibration_set(tok, args.calib, args.n_samples, args.seq_len, seed=0)
+    calib = build_calibration_set(tok, args.calib, args.n_samples, args.seq_len, seed=args.seed)
     ids = calib.input_ids.tolist()
     ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
     scheme = {

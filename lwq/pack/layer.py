@@ -4,7 +4,8 @@ A layer is a sequence of byte-aligned sections, concatenated:
 
 =============  =============================================================
 codes_lo       b_lo-bit codes of the weights not in the mask, row-major
-codes_hi       b_hi-bit codes of the masked (high-impact) weights, row-major
+codes_hi       b_hi-bit codes of the masked (high-impact) weights, row-major;
+               with a float16 high grid, their float16 values
 scales         float16 scale per (row, group) of the low grid
 zeros          b_lo-bit zero point per (row, group); absent when symmetric
 mask...        the high-impact map: 1 bit per weight (``bitmap``) or the
@@ -14,6 +15,8 @@ hi_scales      float16 scale of the high grid, only for the (row, group)
                pairs that hold at least one masked weight
 hi_zeros       b_hi-bit zero points of those pairs; absent when symmetric
 =============  =============================================================
+
+A float16 high grid (``hi.bits == 16``) has no hi_scales or hi_zeros.
 
 ``payload_nbytes`` computes the same byte count from the layer's shape and
 settings alone; it is the cost model, and a test holds it equal to what
@@ -49,7 +52,9 @@ def payload_nbytes(
     total = packed_nbytes(n - n_hi, lo.bits) + 2 * n_groups
     if not lo.symmetric:
         total += packed_nbytes(n_groups, lo.bits)
-    if hi is not None:
+    if hi is not None and hi.is_float:
+        total += 2 * n_hi + mask_nbytes(mask_encoding, n_hi, n)
+    elif hi is not None:
         total += packed_nbytes(n_hi, hi.bits) + mask_nbytes(mask_encoding, n_hi, n)
         total += 2 * n_hi_groups
         if not hi.symmetric:
@@ -126,20 +131,25 @@ def pack_layer(name: str, qw: QuantizedWeight, mask_encoding: str = "auto") -> P
         mask = qw.mask.cpu()
         parts.append(("codes_lo", pack_bits(codes[~mask], lo.bits)))
         assert hi is not None
-        parts.append(("codes_hi", pack_bits(codes[mask], hi.bits)))
+        if qw.hi_values is not None:
+            parts.append(("codes_hi", _fp16_bytes(qw.hi_values.cpu()[mask])))
+        else:
+            parts.append(("codes_hi", pack_bits(codes[mask], hi.bits)))
     parts.append(("scales", _fp16_bytes(qw.scales.cpu())))
     if not lo.symmetric:
         parts.append(("zeros", pack_bits(qw.zeros.cpu().reshape(-1), lo.bits)))
     n_hi = n_hi_groups = 0
     encoding = None
     if qw.mask is not None:
-        assert hi is not None and qw.hi_scales is not None and qw.hi_zeros is not None
+        assert hi is not None
         mask = qw.mask.cpu()
         n_hi = int(mask.sum())
         encoding = mask_encoding
         if encoding == "auto":
             encoding = cheapest_encoding(n_hi, mask.numel())
         parts.extend(encode_mask(mask, encoding))
+    if qw.mask is not None and qw.hi_values is None:
+        assert hi is not None and qw.hi_scales is not None and qw.hi_zeros is not None
         active = _active_groups(mask, hi)  # (d_out, n_groups) bool
         n_hi_groups = int(active.sum())
         parts.append(("hi_scales", _fp16_bytes(qw.hi_scales.cpu()[active])))
@@ -179,8 +189,12 @@ def unpack_layer(p: PackedLayer) -> QuantizedWeight:
     assert p.mask_encoding is not None
     names = [k for k in p.sections if k.startswith("mask")]
     mask = decode_mask({k: p.section(k) for k in names}, p.mask_encoding, p.n_hi, p.shape)
-    codes = torch.empty(d_out, d_in, dtype=torch.uint8)
+    codes = torch.zeros(d_out, d_in, dtype=torch.uint8)
     codes[~mask] = unpack_bits(p.section("codes_lo"), lo.bits, n - p.n_hi)
+    if hi.is_float:
+        values = torch.zeros(d_out, d_in)
+        values[mask] = _from_fp16_bytes(p.section("codes_hi"))
+        return QuantizedWeight(lo, codes, scales, zeros, hi, mask, hi_values=values)
     codes[mask] = unpack_bits(p.section("codes_hi"), hi.bits, p.n_hi)
     active = _active_groups(mask, hi)
     hi_scales = torch.ones(d_out, hi.n_groups(d_in))

@@ -102,8 +102,10 @@ def gptq_quantize(
 
     scales = torch.zeros(d_out, n_groups, device=W.device)
     zeros = torch.zeros_like(scales)
-    hi_scales = torch.zeros_like(scales) if hi is not None else None
-    hi_zeros = torch.zeros_like(scales) if hi is not None else None
+    grid_hi = hi is not None and not hi.is_float
+    hi_scales = torch.zeros_like(scales) if grid_hi else None
+    hi_zeros = torch.zeros_like(scales) if grid_hi else None
+    hi_values = torch.zeros_like(W) if hi is not None and hi.is_float else None
 
     def fit_group(grp: int, w: torch.Tensor, m: torch.Tensor | None) -> None:
         scales[:, grp], zeros[:, grp] = grid_params(w, spec, None if m is None else ~m)
@@ -152,7 +154,13 @@ def gptq_quantize(
             s, z = scales[:, grp], zeros[:, grp]
             q = quantize(w, s, z, spec.maxq)
             deq = dequantize(q, s, z)
-            if m_all is not None and hi is not None:
+            if m_all is not None and hi_values is not None:  # float16 outliers
+                m = m_all[:, col]
+                w16 = w.to(torch.float16).to(torch.float32)
+                q = torch.where(m, torch.zeros_like(q), q)
+                deq = torch.where(m, w16, deq)
+                hi_values[:, order[col]] = torch.where(m, w16, torch.zeros_like(w16))
+            elif m_all is not None and hi is not None:
                 assert hi_scales is not None and hi_zeros is not None
                 m = m_all[:, col]
                 qh = quantize(w, hi_scales[:, grp], hi_zeros[:, grp], hi.maxq)
@@ -177,5 +185,6 @@ def gptq_quantize(
         mask=mask,
         hi_scales=hi_scales,
         hi_zeros=hi_zeros,
+        hi_values=hi_values,
     )
     return GPTQResult(weight, float(losses.sum()))

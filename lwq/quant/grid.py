@@ -1,7 +1,9 @@
 """Uniform integer grids per (row, group of input columns).
 
 A grid of ``bits`` bits maps w to the code q = clamp(round(w / s) + z, 0, 2^b - 1)
-and back to s * (q - z). Scales are rounded to float16 when they are computed,
+and back to s * (q - z). A 16-bit "grid" is no grid: its weights are stored as
+float16 values (the dense-and-sparse outliers of SqueezeLLM/SpQR); it serves
+only as the high-impact grid of a masked layer. Scales are rounded to float16 when they are computed,
 because that is how the packed format stores them: dequantising a packed
 checkpoint then gives exactly the weights that were evaluated.
 
@@ -19,6 +21,7 @@ import torch
 from lwq.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+FLOAT_BITS = 16  # float16 storage, for the high-impact weights only
 
 
 @dataclass(frozen=True)
@@ -28,13 +31,18 @@ class GridSpec:
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
+        if self.bits not in SUPPORTED_BITS and self.bits != FLOAT_BITS:
             raise ConfigError(f"bits={self.bits} is not supported: choose one of {SUPPORTED_BITS}")
         if self.group_size != -1 and self.group_size < 1:
             raise ConfigError(
                 f"group_size={self.group_size}: use a positive number of input columns "
                 "(64 or 128 are usual) or -1 for one group per row"
             )
+
+    @property
+    def is_float(self) -> bool:
+        """Weights stored as float16 values, no scales or zeros."""
+        return self.bits == FLOAT_BITS
 
     @property
     def maxq(self) -> int:

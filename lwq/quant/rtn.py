@@ -24,6 +24,9 @@ def rtn_quantize(
     scales, zeros = [], []
     hi_scales: list[torch.Tensor] = []
     hi_zeros: list[torch.Tensor] = []
+    hi_values = None
+    if mask is not None and hi is not None and hi.is_float:
+        hi_values = torch.where(mask, W.to(torch.float16).to(torch.float32), 0.0)
     for c in range(0, d_in, g):
         w = W[:, c : c + g]  # (d_out, g)
         m = None if mask is None else mask[:, c : c + g]
@@ -31,7 +34,9 @@ def rtn_quantize(
         q = quantize(w, s[:, None], z[:, None], spec.maxq)
         scales.append(s)
         zeros.append(z)
-        if m is not None and hi is not None:
+        if m is not None and hi_values is not None:
+            q = torch.where(m, torch.zeros_like(q), q)
+        elif m is not None and hi is not None:
             assert hi.group_size == spec.group_size, "both grids share the group layout"
             sh, zh = grid_params(w, hi, m)
             q = torch.where(m, quantize(w, sh[:, None], zh[:, None], hi.maxq), q)
@@ -47,4 +52,5 @@ def rtn_quantize(
         mask=mask,
         hi_scales=torch.stack(hi_scales, dim=1) if hi_scales else None,
         hi_zeros=torch.stack(hi_zeros, dim=1) if hi_zeros else None,
+        hi_values=hi_values,
     )

@@ -16,7 +16,9 @@ class QuantizedWeight:
     ``codes`` holds each weight's code on the grid its mask assigns: the
     ``lo`` grid where ``mask`` is False (or absent), the ``hi`` grid where it
     is True. Scales are float32 values exactly representable in float16; zeros
-    are integers stored as float32 for arithmetic.
+    are integers stored as float32 for arithmetic. When the high grid is float16
+    (``hi.is_float``), the masked weights are ``hi_values`` (float16-exact,
+    zero elsewhere), their codes are 0 and there are no high scales or zeros.
     """
 
     lo: GridSpec
@@ -27,15 +29,19 @@ class QuantizedWeight:
     mask: torch.Tensor | None = None  # (d_out, d_in) bool: True -> hi grid
     hi_scales: torch.Tensor | None = None  # (d_out, n_groups_hi)
     hi_zeros: torch.Tensor | None = None
+    hi_values: torch.Tensor | None = None  # (d_out, d_in) float32, float16 high grid only
 
     def __post_init__(self) -> None:
         d_out, d_in = self.codes.shape
         assert self.codes.dtype == torch.uint8
         assert self.scales.shape == self.zeros.shape == (d_out, self.lo.n_groups(d_in))
         if self.mask is not None:
-            assert self.hi is not None and self.hi_scales is not None
-            assert self.hi_zeros is not None and self.mask.shape == (d_out, d_in)
-            assert self.hi_scales.shape == (d_out, self.hi.n_groups(d_in))
+            assert self.hi is not None and self.mask.shape == (d_out, d_in)
+            if self.hi.is_float:
+                assert self.hi_values is not None and self.hi_values.shape == (d_out, d_in)
+            else:
+                assert self.hi_scales is not None and self.hi_zeros is not None
+                assert self.hi_scales.shape == (d_out, self.hi.n_groups(d_in))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,7 +53,9 @@ class QuantizedWeight:
         q = self.codes.to(torch.float32)
         g = self.lo.group_index(d_in, q.device)
         w = dequantize(q, self.scales[:, g], self.zeros[:, g])
-        if self.mask is not None:
+        if self.mask is not None and self.hi_values is not None:
+            w = torch.where(self.mask, self.hi_values, w)
+        elif self.mask is not None:
             assert self.hi is not None and self.hi_scales is not None
             assert self.hi_zeros is not None
             gh = self.hi.group_index(d_in, q.device)

@@ -14,12 +14,13 @@ from lwq.quant.rtn import rtn_quantize
 
 @pytest.mark.parametrize("ratio", [0.0, 0.001, 0.01, 0.03, 0.1, 0.3, 0.6])
 @pytest.mark.parametrize("group", [32, 48])
-def test_cost_model_equals_packed_bytes(ratio: float, group: int) -> None:
+@pytest.mark.parametrize("hi_bits", [4, 16])
+def test_cost_model_equals_packed_bytes(ratio: float, group: int, hi_bits: int) -> None:
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(40, 160, generator=gen)
     scores = W.abs() * (torch.rand(160, generator=gen) + 0.1)  # column-structured saliency
     order = ranking(scores)
-    lo, hi = GridSpec(2, group), GridSpec(4, group)
+    lo, hi = GridSpec(2, group), GridSpec(hi_bits, group)
     cost = layer_cost("l", order, (40, 160), lo, hi)
     mask = top_mask(order, (40, 160), ratio)
     if ratio == 0.0:

@@ -25,7 +25,7 @@ def test_single_grid_round_trip(bits: int, group_size: int, symmetric: bool) -> 
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.004, 0.05, 0.3])
-@pytest.mark.parametrize("lo_bits,hi_bits", [(2, 4), (3, 8), (2, 3)])
+@pytest.mark.parametrize("lo_bits,hi_bits", [(2, 4), (3, 8), (2, 3), (2, 16)])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("encoding", ["bitmap", "elias_fano", "auto"])
 def test_two_grid_round_trip(

@@ -142,3 +142,29 @@ def test_masked_weights_use_the_high_grid(method: str) -> None:
     assert int(qw.codes[~mask].max()) <= lo.maxq
     plain = rtn_quantize(W, lo).dequantize()
     assert _out_err(W, deq, X) < _out_err(W, plain, X)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_float16_high_grid_keeps_outliers_exact(method: str, act_order: bool) -> None:
+    """Dense-and-sparse (SqueezeLLM/SpQR): masked weights are stored as float16."""
+    X = _correlated_inputs(128)
+    W = torch.randn(16, 128)
+    mask = torch.rand(16, 128, generator=torch.Generator().manual_seed(2)) < 0.01
+    mask[5, 40] = True
+    W[5, 40] = 30.0
+    lo, hi = GridSpec(2, 64), GridSpec(16, 64)
+    if method == "rtn":
+        qw = rtn_quantize(W, lo, mask, hi)
+        # Without error feedback the outliers are the original weights in float16.
+        assert torch.equal(qw.dequantize()[mask], W[mask].half().float())
+    else:
+        settings = GPTQSettings(act_order=act_order)
+        qw = gptq_quantize(W, _hessian(X), lo, settings, mask=mask, hi=hi).weight
+        assert abs(float(qw.dequantize()[5, 40]) - 30.0) < 1.0
+    assert qw.hi_scales is None and qw.hi_values is not None
+    assert int(qw.codes[mask].max()) == 0
+    deq = qw.dequantize()
+    assert torch.equal(deq[mask], qw.hi_values[mask])
+    assert torch.equal(deq[mask].half().float(), deq[mask])  # float16-exact
+    assert _out_err(W, deq, X) < _out_err(W, rtn_quantize(W, lo).dequantize(), X)

@@ -1,0 +1,297 @@
+"""The method's benchmark (issue 7): does the QP predict, and does it win at equal bits?
+
+Parts (``--parts``, default all):
+
+corr   On each model, >= 20 random feasible allocations (ratios in [0, r_max],
+       mean ratio spread over the range): every layer is quantized at its ratio
+       from the full-precision Hessians (as the probes are), and the measured KL
+       divergence and cross-entropy increase on held-out text (the validation
+       slice, never seen by calibration) are compared with the QP's prediction,
+       full and diagonal: Spearman rank correlations and the predicted/measured
+       ratio.
+table  At each budget (average bits per quantized weight, measured from the
+       bytes written): lwq (full QP), diagonal-only, one fixed ratio, and the
+       uniform GPTQ configurations nearest below and above; perplexity on the
+       validation slice and on WikiText-2 test (when ../shared is present), KL on
+       held-out text, bits from bytes, seconds.
+
+The sensitivity profile is computed once per model and reused by every budget
+(as ``lwq sweep`` does). Writes a JSON next to the markdown it prints.
+
+    python benchmarks/method.py --models llama-6l-128d gpt2-6l-128d
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = REPO / "zoo"
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `baselines`
+
+UNIFORM = [(2, 128), (2, 64), (2, 32), (3, 128)]
+
+
+def config_for(model: str, out: Path, args: argparse.Namespace, **method: Any) -> Any:
+    from lwq.config import make_config
+
+    return make_config(
+        {
+            "model": str(ZOO / model),
+            "out": str(out),
+            "overwrite": True,
+            "calib": {
+                "source": str(ZOO / "data" / "calibration.txt"),
+                "n_samples": args.n_samples,
+                "seq_len": args.seq_len,
+                "mode": "sequential",
+            },
+            "method": method,
+        }
+    )
+
+
+def heldout_windows(tok: Any, n: int, seq_len: int) -> torch.Tensor:
+    """The first ``n`` windows of the validation slice (disjoint from calibration)."""
+    from lwq.textio import read_text
+
+    ids = tok(read_text(ZOO / "data" / "validation.txt"), return_tensors="pt").input_ids[0]
+    n = min(n, ids.numel() // seq_len)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+class Setup:
+    """Full-precision model, calibration set and the method's state for one model."""
+
+    def __init__(self, model: str, args: argparse.Namespace) -> None:
+        from transformers import AutoTokenizer
+
+        from lwq.adapters import adapter_for
+        from lwq.calibration import build_calibration_set
+        from lwq.method.driver import prepare
+        from lwq.models import load_model_dir
+
+        self.name = model
+        self.config = config_for(model, args.work / model, args)
+        self.fp, _ = load_model_dir(ZOO / model)
+        self.tok = AutoTokenizer.from_pretrained(ZOO / model)
+        self.adapter = adapter_for(self.fp.config.model_type)
+        self.calib = build_calibration_set(
+            self.tok, ZOO / "data" / "calibration.txt", args.n_samples, args.seq_len, seed=0
+        )
+        t = time.perf_counter()
+        self.state = prepare(self.fp, self.adapter, self.calib, self.config, progress=False)
+        self.prepare_seconds = time.perf_counter() - t
+        self.windows = heldout_windows(self.tok, args.heldout_windows, args.seq_len)
+
+
+def random_allocations(n_layers: int, count: int, r_max: float, seed: int) -> list[np.ndarray]:
+    """Ratios in [0, r_max]: a mean level spread over the range, per-layer log-normal spread."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(count):
+        level = r_max * (0.05 + 0.6 * k / max(1, count - 1))
+        r = level * rng.lognormal(0.0, 0.8, n_layers)
+        out.append(np.clip(r, 0.0, r_max))
+    rng.shuffle(out)  # type: ignore[arg-type]
+    return out
+
+
+def quantized_copy(s: Setup, ratios: np.ndarray) -> torch.nn.Module:
+    """Every layer at its ratio from the full-precision Hessians (parallel mode)."""
+    from lwq.method.driver import gptq_settings
+    from lwq.method.layer import quantize_at_ratio
+
+    model = copy.deepcopy(s.fp)
+    settings = gptq_settings(s.config)
+    modules = dict(s.adapter.iter_layers(model))
+    for name, r in zip(s.state.names, ratios, strict=True):
+        W = s.adapter.read_weight(modules[name])
+        qw = quantize_at_ratio(
+            W, s.state.hessians[name], s.state.orders[name], float(r), s.state.lo,
+            s.state.hi, settings, name,
+        )  # fmt: skip
+        s.adapter.write_weight(modules[name], qw.dequantize())
+    return model
+
+
+def part_corr(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
+    from lwq.eval.divergence import output_divergence
+
+    profile = s.state.profile
+    rows = []
+    for ratios in random_allocations(len(s.state.names), args.n_allocs, profile.r_max, 0):
+        div = output_divergence(s.fp, quantized_copy(s, ratios), s.windows)
+        bits = sum(c.bits(float(r)) for c, r in zip(s.state.costs, ratios, strict=True))
+        rows.append(
+            {
+                "mean_ratio": float(ratios.mean()),
+                "bits": bits / sum(c.n for c in s.state.costs),
+                "pred_full": profile.predicted_loss(ratios.tolist(), "full"),
+                "pred_diagonal": profile.predicted_loss(ratios.tolist(), "diagonal"),
+                "kl": div.kl,
+                "ce_increase": div.ce_increase,
+            }
+        )
+    res: dict[str, Any] = {"model": s.name, "n": len(rows), "rows": rows}
+    for obj in ("full", "diagonal"):
+        pred = [r[f"pred_{obj}"] for r in rows]
+        res[f"spearman_kl_{obj}"] = float(spearmanr(pred, [r["kl"] for r in rows]).statistic)
+        res[f"spearman_ce_{obj}"] = float(
+            spearmanr(pred, [r["ce_increase"] for r in rows]).statistic
+        )
+        res[f"pred_over_kl_{obj}"] = float(
+            np.median([p / r["kl"] for p, r in zip(pred, rows, strict=True)])
+        )
+    return res
+
+
+def evaluate_checkpoint(path: Path, s: Setup, seq_len: int) -> dict[str, float]:
+    from baselines import evaluate
+
+    from lwq.eval.divergence import output_divergence
+    from lwq.pack.checkpoint import load_quantized
+
+    model, _, _ = load_quantized(path)
+    div = output_divergence(s.fp, model, s.windows)
+    return {**evaluate(path, seq_len), "kl": div.kl, "ce_increase": div.ce_increase}
+
+
+def lwq_row(s: Setup, budget: float, objective: str, args: argparse.Namespace) -> dict[str, Any]:
+    from lwq.method.driver import allocate, quantize_allocation
+
+    out = args.work / s.name / f"lwq-{objective}-{budget}"
+    cfg = config_for(s.name, out, args, budget=budget, objective=objective)
+    t = time.perf_counter()
+    alloc = allocate(s.state, cfg)
+    manifest = quantize_allocation(ZOO / s.name, out, s.state, alloc, s.calib, cfg, False)
+    seconds = time.perf_counter() - t
+    return {
+        "row": {"full": "lwq (QP)", "diagonal": "lwq diagonal", "fixed": "fixed ratio"}[objective],
+        "bits": manifest["bits"]["from_bytes"],
+        "mean_ratio": float(np.mean(alloc.ratios)),
+        "predicted_kl": alloc.predicted_loss,
+        "seconds": seconds,
+        **evaluate_checkpoint(out, s, args.seq_len),
+    }
+
+
+def uniform_rows(s: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from baselines import run_row
+
+    rows = []
+    for bits, group in UNIFORM:
+        out = args.work / s.name / f"gptq-w{bits}g{group}"
+        res = run_row(s.name, "gptq", bits, group, out, args.n_samples, args.seq_len)
+        rows.append(
+            {
+                "row": f"GPTQ W{bits} g{group}",
+                "bits": res["bits"],
+                "seconds": res["seconds"],
+                **evaluate_checkpoint(out, s, args.seq_len),
+            }
+        )
+    return rows
+
+
+def nearest(rows: list[dict[str, Any]], budget: float) -> list[dict[str, Any]]:
+    below = [r for r in rows if r["bits"] <= budget + 0.02]
+    above = [r for r in rows if r["bits"] > budget + 0.02]
+    out = []
+    if below:
+        out.append(max(below, key=lambda r: r["bits"]))
+    if above:
+        out.append(min(above, key=lambda r: r["bits"]))
+    return out
+
+
+def part_table(s: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    uniform = uniform_rows(s, args)
+    table = []
+    for budget in args.budgets:
+        rows = [lwq_row(s, budget, obj, args) for obj in ("full", "diagonal", "fixed")]
+        rows += nearest(uniform, budget)
+        for r in rows:
+            r.update(model=s.name, budget=budget)
+        table.extend(rows)
+    return table
+
+
+def fmt(x: Any, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def print_corr(results: list[dict[str, Any]]) -> None:
+    print(
+        "\n| model | allocations | objective | Spearman KL | Spearman CE | predicted/measured KL |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        for obj in ("full", "diagonal"):
+            print(
+                f"| {r['model']} | {r['n']} | {obj} | {r[f'spearman_kl_{obj}']:.3f} "
+                f"| {r[f'spearman_ce_{obj}']:.3f} | {r[f'pred_over_kl_{obj}']:.3f} |"
+            )
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        "\n| model | budget | row | bits (bytes) | ppl val | ppl wiki | KL held-out "
+        "| CE increase | s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['budget']} | {r['row']} | {r['bits']:.4f} "
+            f"| {r['ppl_validation']:.3f} | {fmt(r.get('ppl_wikitext2'), '.2f')} "
+            f"| {r['kl']:.4f} | {r['ce_increase']:.4f} | {r['seconds']:.0f} |"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["llama-6l-128d", "gpt2-6l-128d"])
+    ap.add_argument("--parts", nargs="+", default=["corr", "table"], choices=["corr", "table"])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[2.25, 2.5, 3.0])
+    ap.add_argument("--n-allocs", type=int, default=24)
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--heldout-windows", type=int, default=64)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/method"))
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "method.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    corr, table, prep = [], [], {}
+    for model in args.models:
+        s = Setup(model, args)
+        prep[model] = {"seconds": s.prepare_seconds, **s.state.seconds}
+        print(f"{model}: prepare {s.prepare_seconds:.0f} s {s.state.seconds}", flush=True)
+        if "corr" in args.parts:
+            corr.append(part_corr(s, args))
+            print_corr(corr[-1:])
+        if "table" in args.parts:
+            table.extend(part_table(s, args))
+    result.update(prepare=prep, corr=corr, table=table)
+    if corr:
+        print_corr(corr)
+    if table:
+        print_table(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
