@@ -77,9 +77,26 @@ class MethodConfig(_Strict):
         4, description="bits of the high-impact weights (16: float16 values, dense-and-sparse)"
     )
     group_size: int = Field(128, description="input columns per scale, both grids")
-    scoring: Literal["obs", "act"] = "obs"
+    scoring: Literal["obs", "act", "fisher"] = Field(
+        "obs",
+        description="high-impact weights by obs (w^2/[H^-1]_kk), act (|w| ||x||) "
+        "or fisher (squared gradients, one backward pass per calibration sequence)",
+    )
     r_max: float = Field(0.3, gt=0, le=1, description="largest ratio; the probe's chord end")
-    objective: Literal["full", "diagonal", "fixed"] = "full"
+    objective: Literal["full", "diagonal", "fixed"] = Field(
+        "full",
+        description="full (cross-layer QP), diagonal (no cross terms), fixed (one ratio)",
+    )
+    ties: Literal["none", "inputs", "block"] = Field(
+        "none",
+        description="equal ratios for layers sharing an input (q/k/v, gate/up) or a block",
+    )
+    hi_refine: Literal["none", "lwc"] = Field(
+        "none",
+        description="lwc: learn each high-impact group's clipping range on the layer's "
+        "calibration inputs (OmniQuant-style), for the high-impact weights only",
+    )
+    lwc_steps: int = Field(200, ge=1, description="optimiser steps of hi_refine=lwc per layer")
     solver: Literal["CLARABEL", "OSQP"] = "CLARABEL"
     solver_tol: float = Field(1e-8, gt=0)
     sketch_dim: int = Field(128, ge=1, description="dimensions of the sketched Fisher output")

@@ -24,14 +24,16 @@ from lwq.calibration import CalibrationSet
 from lwq.config import LwqConfig
 from lwq.loading import LazyCausalLM
 from lwq.method.cost import LayerCost, layer_cost
+from lwq.method.fisher import fisher_diagonal
 from lwq.method.layer import quantize_at_ratio
-from lwq.method.qp import Allocation, SensitivityProfile, solve_allocation
+from lwq.method.qp import Allocation, SensitivityProfile, solve_allocation, total_bits
 from lwq.method.saliency import ranking, saliency
 from lwq.method.sensitivity import ProbeSettings, sensitivity_profile
 from lwq.pack.checkpoint import CheckpointWriter, check_output_dir
 from lwq.pack.layer import pack_layer
 from lwq.quant.gptq import GPTQSettings
 from lwq.quant.grid import GridSpec
+from lwq.quant.lwc import LWCSettings
 from lwq.stats import InMemoryCausalLM, iter_block_stats
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,33 @@ class MethodState:
     hi: GridSpec
     n_blocks: int
     seconds: dict[str, float]
+    # Layer indices that ``method.ties`` constrains to one ratio, per mode.
+    tie_groups: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...] = ()
     version: int = 1
+
+    def ties(self, mode: str) -> tuple[tuple[int, ...], ...]:
+        return dict(self.tie_groups).get(mode, ())
+
+
+def tie_groups(
+    names: tuple[str, ...], adapter: ModelAdapter
+) -> tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]:
+    """Groups of layer indices sharing an input (q/k/v, gate/up) and sharing a block."""
+    by_input: dict[tuple[str, int], list[int]] = {}
+    by_block: dict[str, list[int]] = {}
+    prefix = adapter.blocks + "."
+    for i, name in enumerate(names):
+        block, suffix = name[len(prefix) :].split(".", 1)
+        gi = next(k for k, grp in enumerate(adapter.input_groups) if suffix in grp)
+        by_input.setdefault((block, gi), []).append(i)
+        by_block.setdefault(block, []).append(i)
+    keep = lambda groups: tuple(tuple(g) for g in groups if len(g) > 1)  # noqa: E731
+    return (("inputs", keep(by_input.values())), ("block", keep(by_block.values())))
+
+
+def lwc_settings(config: LwqConfig) -> LWCSettings | None:
+    m = config.method
+    return LWCSettings(steps=m.lwc_steps) if m.hi_refine == "lwc" else None
 
 
 def grids(config: LwqConfig) -> tuple[GridSpec, GridSpec]:
@@ -85,12 +113,14 @@ def prepare(
     t = time.perf_counter()
     modules = dict(adapter.iter_layers(model))
     names = tuple(modules)
+    fisher = fisher_diagonal(model, adapter, calib, progress) if m.scoring == "fisher" else {}
     orders, costs = {}, []
     for name in names:
         W = adapter.read_weight(modules[name])
-        orders[name] = ranking(
-            saliency(W, hessians[name], m.scoring, damp=config.gptq.damp, name=name)
+        scores = saliency(
+            W, hessians[name], m.scoring, fisher.get(name), damp=config.gptq.damp, name=name
         )
+        orders[name] = ranking(scores)
         costs.append(layer_cost(name, orders[name], (W.shape[0], W.shape[1]), lo, hi))
     seconds["saliency"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -112,7 +142,18 @@ def prepare(
     )
     seconds["sensitivity"] = time.perf_counter() - t
     n_blocks = len(adapter.get_blocks(model))
-    return MethodState(names, hessians, orders, tuple(costs), profile, lo, hi, n_blocks, seconds)
+    return MethodState(
+        names,
+        hessians,
+        orders,
+        tuple(costs),
+        profile,
+        lo,
+        hi,
+        n_blocks,
+        seconds,
+        tie_groups(names, adapter),
+    )
 
 
 def allocate(state: MethodState, config: LwqConfig, budget: float | None = None) -> Allocation:
@@ -120,16 +161,35 @@ def allocate(state: MethodState, config: LwqConfig, budget: float | None = None)
     budget = m.budget if budget is None else budget
     n = sum(c.n for c in state.costs)
     reserve = state.n_blocks * HEADER_ALLOWANCE_BYTES * 8 / n
-    alloc = solve_allocation(
+    return solve_allocation(
         state.profile,
         state.costs,
-        budget - reserve,
+        budget,
         m.objective,
         m.solver,
+        ties=state.ties(m.ties),
         iterations=4,
         tol=m.solver_tol,
+        overhead=reserve,
     )
-    return alloc
+
+
+def fixed_allocation(state: MethodState, ratio: float) -> Allocation:
+    """Every layer at ``ratio`` whatever it costs (e.g. SqueezeLLM's 0.45 % in float16)."""
+    n = sum(c.n for c in state.costs)
+    reserve = state.n_blocks * HEADER_ALLOWANCE_BYTES * 8 / n
+    ratios = tuple(ratio for _ in state.names)
+    return Allocation(
+        names=state.names,
+        ratios=ratios,
+        objective="fixed",
+        budget=float("nan"),
+        bits=total_bits(state.costs, ratios) / n + reserve,
+        predicted_loss=state.profile.predicted_loss(ratios),
+        solver="none",
+        seconds=0.0,
+        iterations=0,
+    )
 
 
 def allocation_report(
@@ -180,6 +240,7 @@ def quantize_allocation(
     check_output_dir(out, config.overwrite)
     ratio = dict(zip(alloc.names, alloc.ratios, strict=True))
     settings = gptq_settings(config)
+    lwc = lwc_settings(config)
     output_error: dict[str, float] = {}
     source = LazyCausalLM(model_dir, device=config.device)
     adapter = source.adapter
@@ -193,7 +254,15 @@ def quantize_allocation(
                     W = adapter.read_weight(mod)
                     H = step.hessians[name]
                     qw = quantize_at_ratio(
-                        W, H, state.orders[name], ratio[name], state.lo, state.hi, settings, name
+                        W,
+                        H,
+                        state.orders[name],
+                        ratio[name],
+                        state.lo,
+                        state.hi,
+                        settings,
+                        name,
+                        lwc,
                     )
                     Q = qw.dequantize()
                     dW = W - Q

@@ -211,20 +211,29 @@ def solve_allocation(
         else:
             Q, c = _project_psd(BtB), AtB.sum(axis=0)
         step = max(1e-4, 0.02 * r_max)
+
+        def objective_of(x: np.ndarray) -> float:
+            return float(0.5 * x @ Q @ x - c @ x)
+
+        best, best_value = r, objective_of(r)
         for it in range(1, iterations + 1):
-            done = it
             slope = np.array(
                 [cost.slope(float(ri), step, r_max) for cost, ri in zip(costs, r, strict=True)]
             )
             at = np.array([cost.bits(float(ri)) for cost, ri in zip(costs, r, strict=True)])
             rhs = budget_bits - float((at - slope * r).sum())
+            if rhs <= 0:  # the tangent at r cuts off every ratio: keep the best so far
+                break
+            done = it
             new = _solve_qp(Q, c, slope, rhs, r_max, ties, solver, tol)
             moved = float(np.abs(new - r).max())
-            r = new
+            # Exact repair: the tangent is only an approximation of the step-wise cost.
+            r = _scale_to_budget(costs, np.maximum(new, 1e-12), r_max, budget_bits)
+            if objective_of(r) < best_value:
+                best, best_value = r, objective_of(r)
             if moved < 1e-5:
                 break
-        # Exact repair: the tangent is only an approximation of the step-wise cost.
-        r = _scale_to_budget(costs, np.maximum(r, 1e-12), r_max, budget_bits)
+        r = best
     ratios = tuple(float(x) for x in r)
     return Allocation(
         names=profile.names,

@@ -81,8 +81,13 @@ def gptq_quantize(
     mask: torch.Tensor | None = None,
     hi: GridSpec | None = None,
     name: str = "layer",
+    hi_grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GPTQResult:
-    """Quantize ``W`` (d_out, d_in) given its input Hessian ``H`` (d_in, d_in)."""
+    """Quantize ``W`` (d_out, d_in) given its input Hessian ``H`` (d_in, d_in).
+
+    ``hi_grid`` fixes the high grid's (scales, zeros), each (d_out, n_groups),
+    e.g. from learned clipping (``lwq.quant.lwc``); by default it is min-max.
+    """
     assert W.dim() == 2 and H.shape == (W.shape[1], W.shape[1]), (W.shape, H.shape)
     assert (mask is None) == (hi is None), "mask and hi grid go together"
     if hi is not None:
@@ -110,7 +115,10 @@ def gptq_quantize(
     def fit_group(grp: int, w: torch.Tensor, m: torch.Tensor | None) -> None:
         scales[:, grp], zeros[:, grp] = grid_params(w, spec, None if m is None else ~m)
         if hi is not None and hi_scales is not None and hi_zeros is not None:
-            hi_scales[:, grp], hi_zeros[:, grp] = grid_params(w, hi, m)
+            if hi_grid is not None:
+                hi_scales[:, grp], hi_zeros[:, grp] = hi_grid[0][:, grp], hi_grid[1][:, grp]
+            else:
+                hi_scales[:, grp], hi_zeros[:, grp] = grid_params(w, hi, m)
 
     static = settings.static_groups or settings.act_order
     if static:

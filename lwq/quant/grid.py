@@ -3,9 +3,10 @@
 A grid of ``bits`` bits maps w to the code q = clamp(round(w / s) + z, 0, 2^b - 1)
 and back to s * (q - z). A 16-bit "grid" is no grid: its weights are stored as
 float16 values (the dense-and-sparse outliers of SqueezeLLM/SpQR); it serves
-only as the high-impact grid of a masked layer. Scales are rounded to float16 when they are computed,
-because that is how the packed format stores them: dequantising a packed
-checkpoint then gives exactly the weights that were evaluated.
+only as the high-impact grid of a masked layer. Scales are rounded to float16
+when they are computed, because that is how the packed format stores them:
+dequantising a packed checkpoint then gives exactly the weights that were
+evaluated.
 
 Groups are consecutive runs of ``group_size`` input columns; when the group
 size does not divide d_in, the last group of each row is shorter (its scale

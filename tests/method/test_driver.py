@@ -58,3 +58,49 @@ def test_infeasible_budget_states_the_range_and_writes_nothing(tmp_path: Path) -
     assert not (tmp_path / "q").exists()
     with pytest.raises(ConfigError, match="hi_bits"):
         _cfg(model_dir, tmp_path / "q", 2.5, lo_bits=4, hi_bits=4)
+
+
+@pytest.mark.parametrize("ties", ["inputs", "block"])
+def test_ties_give_one_ratio_per_group(ties: str, tmp_path: Path) -> None:
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    cfg = _cfg(model_dir, tmp_path / "q", 2.6, ties=ties)
+    report = quantize(cfg, progress=False)
+    ratios: dict[str, float] = {
+        x["name"]: x["ratio"] for x in report.manifest["allocation"]["layers"]
+    }
+    groups: dict[tuple[str, ...], list[float]] = {}
+    for name, r in ratios.items():
+        block, suffix = name.split(".")[2], name.split(".", 3)[3]
+        key = (
+            (block,)
+            if ties == "block"
+            else (
+                block,
+                {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(
+                    suffix.split(".")[-1], suffix
+                ),
+            )
+        )
+        groups.setdefault(key, []).append(r)
+    assert any(len(v) > 1 for v in groups.values())
+    for v in groups.values():
+        assert max(v) - min(v) < 1e-6
+    assert abs(report.manifest["bits"]["from_bytes"] - 2.6) <= 0.02
+
+
+def test_float16_high_impact_weights_and_lwc_end_to_end(tmp_path: Path) -> None:
+    """Dense-and-sparse (hi_bits=16) and learned clipping go through the same path."""
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    fp16 = quantize(_cfg(model_dir, tmp_path / "a", 2.6, hi_bits=16), progress=False)
+    layers = fp16.manifest["layers"]
+    assert any(v["hi"] is not None and v["hi"]["bits"] == 16 for v in layers.values())
+    assert abs(fp16.manifest["bits"]["from_bytes"] - 2.6) <= 0.02
+    lwc = quantize(
+        _cfg(model_dir, tmp_path / "b", 2.6, hi_refine="lwc", lwc_steps=5), progress=False
+    )
+    assert abs(lwc.manifest["bits"]["from_bytes"] - 2.6) <= 0.02
+    for report in (fp16, lwc):
+        model, _, _ = load_quantized(report.out)
+        assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+    with pytest.raises(ConfigError, match="hi_bits"):
+        _cfg(model_dir, tmp_path / "c", 2.6, hi_bits=5)
