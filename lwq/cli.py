@@ -84,20 +84,21 @@ def _cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _config_from_args(args: argparse.Namespace, method: str | None = None) -> Any:
+    """The configuration: --config, then the flags that were given."""
     from lwq.config import load_config, with_overrides
-    from lwq.quantize import quantize
 
     base = load_config(args.config)
-    method = args.method or base.quant.method
+    method = method or args.method or base.quant.method
     bits_key = "method.budget" if method == "lwq" else "quant.bits"
-    if args.bits is not None and method != "lwq" and not float(args.bits).is_integer():
+    bits_arg = getattr(args, "bits", None)
+    if bits_arg is not None and method != "lwq" and not float(bits_arg).is_integer():
         raise LwqError(
-            f"--bits {args.bits}: rtn and gptq take whole bits (2, 3, 4, 8); "
+            f"--bits {bits_arg}: rtn and gptq take whole bits (2, 3, 4, 8); "
             "a fractional budget needs --method lwq"
         )
-    bits = None if args.bits is None else (args.bits if method == "lwq" else int(args.bits))
-    config = with_overrides(
+    bits = None if bits_arg is None else (bits_arg if method == "lwq" else int(bits_arg))
+    return with_overrides(
         base,
         {
             "model": None if args.model is None else str(args.model),
@@ -109,15 +110,26 @@ def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "calib.seq_len": args.seq_len,
             "calib.seed": args.seed,
             "calib.mode": args.mode,
-            "quant.method": args.method,
+            "quant.method": method if method != base.quant.method else None,
             bits_key: bits,
             "method.objective": args.objective,
-            "quant.group_size": args.group_size,
+            "method.hi_bits": args.hi_bits,
+            "method.lo_bits": args.lo_bits,
+            "method.scoring": args.scoring,
+            "method.ties": args.ties,
+            "method.hi_refine": args.hi_refine,
+            ("method.group_size" if method == "lwq" else "quant.group_size"): args.group_size,
             "quant.symmetric": True if args.symmetric else None,
             "gptq.act_order": True if args.act_order else None,
             "gptq.damp": args.damp,
         },
     )
+
+
+def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lwq.quantize import quantize
+
+    config = _config_from_args(args)
     report = quantize(config, progress=not args.quiet)
     bits = report.manifest["bits"]
     print(f"checkpoint: {report.out}")
@@ -137,6 +149,27 @@ def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(
         f"bits per quantized weight: {bits['from_bytes']:.4f} measured from the files "
         f"({bits['from_model']:.4f} by the cost model)"
+    )
+    return 0
+
+
+def _parse_budgets(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise LwqError(f"--bits {text!r}: give comma-separated numbers, e.g. 2.25,2.5,3.0") from err
+
+
+def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lwq.sweep import sweep
+
+    config = _config_from_args(args, method="lwq")
+    report = sweep(config, _parse_budgets(args.budgets), args.data, progress=not args.quiet)
+    print(report.table())
+    print(
+        f"\n{len(report.rows)} checkpoints under {report.out} in {report.seconds:.1f} s "
+        f"(sensitivity profile once: {report.prepare_seconds:.1f} s); "
+        "pareto.md, pareto.json, pareto.png, allocation.png beside them"
     )
     return 0
 
@@ -177,6 +210,68 @@ def _cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"{lm['n_hi'] / n:.2%} | {lm['nbytes']:,} | {lm['nbytes'] * 8 / n:.3f} |"
         )
     return 0
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by quantize and sweep (each overrides its --config key)."""
+    p.add_argument("--config", type=Path, default=None, help="YAML configuration file")
+    p.add_argument("--model", type=Path, help="Hugging Face model directory (model)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output directory (out): the checkpoint, or for sweep the folder of checkpoints",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing checkpoint in --out (overwrite)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=["full", "diagonal", "fixed"],
+        help="lwq: method.objective (default full: with cross-layer terms)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help="quant.group_size (lwq: method.group_size): input columns per scale, "
+        "-1 per row (default 128)",
+    )
+    p.add_argument("--symmetric", action="store_true", help="quant.symmetric grid")
+    p.add_argument("--calib", help="calib.source: text file, folder, or hf://NAME/CONFIG/SPLIT")
+    p.add_argument("--n-samples", type=int, help="calib.n_samples (default 128)")
+    p.add_argument(
+        "--seq-len", type=int, help="calib.seq_len (default min(2048, the model's context))"
+    )
+    p.add_argument("--seed", type=int, help="calib.seed (default 0)")
+    p.add_argument(
+        "--mode", choices=["parallel", "sequential"], help="calib.mode (default sequential)"
+    )
+    p.add_argument("--act-order", action="store_true", help="gptq.act_order")
+    p.add_argument("--damp", type=float, help="gptq.damp (default 0.01)")
+    p.add_argument("--device", help="device (default cpu)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--hi-bits",
+        type=int,
+        help="method.hi_bits of the high-impact weights (default 4; 16 = float16 values)",
+    )
+    p.add_argument("--lo-bits", type=int, help="method.lo_bits of the other weights (default 2)")
+    p.add_argument(
+        "--scoring",
+        choices=["obs", "act", "fisher"],
+        help="method.scoring of high-impact weights (default obs)",
+    )
+    p.add_argument(
+        "--ties",
+        choices=["none", "inputs", "block"],
+        help="method.ties: one ratio for layers sharing an input or a block (default none)",
+    )
+    p.add_argument(
+        "--hi-refine",
+        choices=["none", "lwc"],
+        help="method.hi_refine: lwc learns the high grid's clipping (default none)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,14 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
         "per weight measured from the files. Settings come from --config (YAML, unknown "
         "keys are errors) and the flags below, which override it.",
     )
-    qz.add_argument("--config", type=Path, default=None, help="YAML configuration file")
-    qz.add_argument("--model", type=Path, help="Hugging Face model directory (model)")
-    qz.add_argument("--out", type=Path, help="output checkpoint directory (out)")
-    qz.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing checkpoint in --out (overwrite)",
-    )
     qz.add_argument(
         "--method",
         choices=["rtn", "gptq", "lwq"],
@@ -278,31 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="rtn/gptq: quant.bits, 2, 3, 4 or 8 (default 4); lwq: method.budget, "
         "average bits per weight measured from the files (default 2.5)",
     )
-    qz.add_argument(
-        "--objective",
-        choices=["full", "diagonal", "fixed"],
-        help="lwq: method.objective (default full: with cross-layer terms)",
-    )
-    qz.add_argument(
-        "--group-size",
-        type=int,
-        help="quant.group_size: input columns per scale, -1 per row (default 128)",
-    )
-    qz.add_argument("--symmetric", action="store_true", help="quant.symmetric grid")
-    qz.add_argument("--calib", help="calib.source: text file, folder, or hf://NAME/CONFIG/SPLIT")
-    qz.add_argument("--n-samples", type=int, help="calib.n_samples (default 128)")
-    qz.add_argument(
-        "--seq-len", type=int, help="calib.seq_len (default min(2048, the model's context))"
-    )
-    qz.add_argument("--seed", type=int, help="calib.seed (default 0)")
-    qz.add_argument(
-        "--mode", choices=["parallel", "sequential"], help="calib.mode (default sequential)"
-    )
-    qz.add_argument("--act-order", action="store_true", help="gptq.act_order")
-    qz.add_argument("--damp", type=float, help="gptq.damp (default 0.01)")
-    qz.add_argument("--device", help="device (default cpu)")
-    qz.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_quantize_args(qz)
     qz.set_defaults(func=_cmd_quantize)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="lwq at several budgets: one sensitivity profile, a checkpoint per budget",
+        description="Compute the sensitivity profile once, then solve the QP and quantize at "
+        "every budget of --bits, writing OUT/bits-B/ per budget and, in OUT, a Pareto table "
+        "(pareto.md, pareto.json), pareto.png (bits against perplexity on --data) and "
+        "allocation.png (ratio per layer and budget, coloured by module type).",
+    )
+    sw.add_argument(
+        "--bits",
+        dest="budgets",
+        required=True,
+        help="comma-separated budgets, average bits per weight from bytes (e.g. 2.25,2.5,3.0)",
+    )
+    sw.add_argument("--data", type=Path, help="text to measure each checkpoint's perplexity on")
+    _add_quantize_args(sw)
+    sw.set_defaults(func=_cmd_sweep)
 
     info = sub.add_parser("info", help="show a packed checkpoint's manifest, bits and layers")
     info.add_argument("checkpoint", type=Path, help="packed checkpoint directory")

@@ -21,6 +21,7 @@ from lwq.adapters import ModelAdapter
 from lwq.calibration import CalibrationSet, build_calibration_set
 from lwq.config import LwqConfig
 from lwq.loading import LazyCausalLM, SafetensorsIndex
+from lwq.method.driver import MethodState
 from lwq.models import check_model_dir, check_tokenizer
 from lwq.pack.checkpoint import CheckpointWriter, check_output_dir
 from lwq.pack.layer import PackedLayer, pack_layer
@@ -89,19 +90,34 @@ def unquantized_tensors(
     return out
 
 
-def quantize_lwq(config: LwqConfig, progress: bool = True) -> QuantizeReport:
-    """``--method lwq``: sensitivity profile, QP allocation, mixed 4/2-bit layers."""
+def prepare_lwq(
+    config: LwqConfig, progress: bool = True
+) -> tuple[Any, Any, CalibrationSet, MethodState, int]:
+    """Load the model, build the calibration set, compute the method's state.
+
+    Returns (full-precision model, tokenizer, calibration set, state, seq_len).
+    """
     from lwq.adapters import adapter_for
-    from lwq.method.driver import allocate, prepare, quantize_allocation
+    from lwq.method.driver import prepare
     from lwq.models import load_model_dir
 
-    t0 = time.perf_counter()
-    model_dir, out = Path(str(config.model)), Path(str(config.out))
+    model_dir = Path(str(config.model))
     model, tokenizer = load_model_dir(model_dir, device=config.device)
+    check_tokenizer(tokenizer, int(model.config.vocab_size), model_dir)
     c = config.calib
     seq_len = default_seq_len(model.config, c.seq_len)
     calib = build_calibration_set(tokenizer, str(c.source), c.n_samples, seq_len, c.seed)
     state = prepare(model, adapter_for(model.config.model_type), calib, config, progress)
+    return model, tokenizer, calib, state, seq_len
+
+
+def quantize_lwq(config: LwqConfig, progress: bool = True) -> QuantizeReport:
+    """``--method lwq``: sensitivity profile, QP allocation, mixed 4/2-bit layers."""
+    from lwq.method.driver import allocate, quantize_allocation
+
+    t0 = time.perf_counter()
+    model_dir, out = Path(str(config.model)), Path(str(config.out))
+    model, _, calib, state, _ = prepare_lwq(config, progress)
     del model
     alloc = allocate(state, config)
     manifest = quantize_allocation(model_dir, out, state, alloc, calib, config, progress)
