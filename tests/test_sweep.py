@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ZOO
@@ -26,9 +27,14 @@ def test_sweep_prepares_once_and_writes_every_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     model = save_tiny_model_dir("llama", tmp_path / "m")
-    calls = []
+    calls: list[int] = []
     real = driver.prepare
-    monkeypatch.setattr(driver, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(driver, "prepare", counted)
     data = ZOO / "data" / "validation.txt"
     out = tmp_path / "sweep"
     assert main([*_args(model, out, "2.6,2.8,3.0"), "--data", str(data)]) == 0
