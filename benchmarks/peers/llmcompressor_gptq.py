@@ -13,33 +13,16 @@ by equivalent nn.Linear modules first, because llm-compressor targets Linear.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-
-
-def conv1d_to_linear(model: nn.Module) -> int:
-    """Replace every transformers Conv1D (y = x W + b, W (d_in, d_out)) by nn.Linear."""
-    from transformers.pytorch_utils import Conv1D
-
-    count = 0
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, Conv1D):
-            d_in, d_out = mod.weight.shape
-            lin = nn.Linear(d_in, d_out)
-            with torch.no_grad():
-                lin.weight.copy_(mod.weight.t())
-                lin.bias.copy_(mod.bias)
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, lin)
-            count += 1
-    return count
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common`
+from common import ZOO, conv1d_to_linear, evaluate
 
 
 def main() -> None:
@@ -49,8 +32,6 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lwq.calibration import build_calibration_set
-    from lwq.eval.perplexity import perplexity_of_text
-    from lwq.textio import read_text
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)
@@ -60,14 +41,15 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    ap.add_argument("--calib", type=Path, default=REPO / "zoo" / "data" / "calibration.txt")
-    ap.add_argument("--data", type=Path, default=REPO / "zoo" / "data" / "validation.txt")
+    ap.add_argument("--calib", type=Path, default=ZOO / "data" / "calibration.txt")
+    ap.add_argument("--kl", action="store_true", help="also KL to the full-precision model")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     converted = conv1d_to_linear(model)
+    fp = copy.deepcopy(model) if args.kl else None
     calib = build_calibration_set(tok, args.calib, args.n_samples, args.seq_len, seed=args.seed)
     ids = calib.input_ids.tolist()
     ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
@@ -109,12 +91,11 @@ def main() -> None:
         "calib_sha256": calib.sha256,
         "conv1d_converted": converted,
         "seconds": seconds,
-        "ppl_validation": perplexity_of_text(model, tok, read_text(args.data), seq, 8).perplexity,
+        # As lwq packs the same grid: a float16 scale and a b-bit zero per group.
+        "bits_per_weight": args.bits
+        + (16 + (0 if args.symmetric else args.bits)) / args.group_size,
+        **evaluate(model, tok, seq, fp_model=fp),
     }
-    if WIKITEXT.is_file():
-        res["ppl_wikitext2"] = perplexity_of_text(
-            model, tok, read_text(WIKITEXT), seq, 8
-        ).perplexity
     print("RESULT " + json.dumps(res))
 
 
