@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,8 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "zoo"
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `baselines`
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))  # for `common`
+from common import heldout_windows  # noqa: E402
 
 UNIFORM = [(2, 128), (2, 64), (2, 32), (3, 128)]
+HQQ = [(2, 128), (2, 64), (2, 32), (3, 128)]  # 2.25, 2.5, 3.0, 3.25 bits
 
 
 def config_for(model: str, out: Path, args: argparse.Namespace, **method: Any) -> Any:
@@ -61,15 +67,6 @@ def config_for(model: str, out: Path, args: argparse.Namespace, **method: Any) -
             "method": method,
         }
     )
-
-
-def heldout_windows(tok: Any, n: int, seq_len: int) -> torch.Tensor:
-    """The first ``n`` windows of the validation slice (disjoint from calibration)."""
-    from lwq.textio import read_text
-
-    ids = tok(read_text(ZOO / "data" / "validation.txt"), return_tensors="pt").input_ids[0]
-    n = min(n, ids.numel() // seq_len)
-    return ids[: n * seq_len].view(n, seq_len)
 
 
 class Setup:
@@ -94,7 +91,7 @@ class Setup:
         t = time.perf_counter()
         self.state = prepare(self.fp, self.adapter, self.calib, self.config, progress=False)
         self.prepare_seconds = time.perf_counter() - t
-        self.windows = heldout_windows(self.tok, args.heldout_windows, args.seq_len)
+        self.windows = heldout_windows(self.tok, args.seq_len)
 
 
 def random_allocations(n_layers: int, count: int, r_max: float, seed: int) -> list[np.ndarray]:
@@ -169,17 +166,51 @@ def evaluate_checkpoint(path: Path, s: Setup, seq_len: int) -> dict[str, float]:
     return {**evaluate(path, seq_len), "kl": div.kl, "ce_increase": div.ce_increase}
 
 
-def lwq_row(s: Setup, budget: float, objective: str, args: argparse.Namespace) -> dict[str, Any]:
-    from lwq.method.driver import allocate, quantize_allocation
+def float16_state(s: Setup, lo_bits: int) -> Any:
+    """The method's state with float16 high-impact weights and a ``lo_bits`` rest."""
+    from lwq.method.cost import layer_cost
+    from lwq.quant.grid import FLOAT_BITS, GridSpec
 
-    out = args.work / s.name / f"lwq-{objective}-{budget}"
-    cfg = config_for(s.name, out, args, budget=budget, objective=objective)
+    g = s.state.lo.group_size
+    lo, hi = GridSpec(lo_bits, g), GridSpec(FLOAT_BITS, g)
+    costs = tuple(
+        layer_cost(c.name, s.state.orders[c.name], c.shape, lo, hi) for c in s.state.costs
+    )
+    return dataclasses.replace(s.state, lo=lo, hi=hi, costs=costs)
+
+
+ROW_NAMES = {
+    "full": "lwq (QP)",
+    "diagonal": "lwq diagonal",
+    "fixed": "fixed ratio 4/2",
+}
+
+
+def lwq_row(
+    s: Setup,
+    budget: float | None,
+    objective: str,
+    args: argparse.Namespace,
+    state: Any = None,
+    label: str | None = None,
+    **method: Any,
+) -> dict[str, Any]:
+    """Quantize at ``budget`` (or, with ``ratio=``, at one fixed ratio) and evaluate."""
+    from lwq.method.driver import allocate, fixed_allocation, quantize_allocation
+
+    state = s.state if state is None else state
+    label = label or ROW_NAMES[objective]
+    ratio = method.pop("ratio", None)
+    out = args.work / s.name / f"{label.replace(' ', '_').replace('/', '')}-{budget}"
+    if budget is not None:
+        method["budget"] = budget
+    cfg = config_for(s.name, out, args, objective=objective, **method)
     t = time.perf_counter()
-    alloc = allocate(s.state, cfg)
-    manifest = quantize_allocation(ZOO / s.name, out, s.state, alloc, s.calib, cfg, False)
+    alloc = allocate(state, cfg) if ratio is None else fixed_allocation(state, ratio)
+    manifest = quantize_allocation(ZOO / s.name, out, state, alloc, s.calib, cfg, False)
     seconds = time.perf_counter() - t
     return {
-        "row": {"full": "lwq (QP)", "diagonal": "lwq diagonal", "fixed": "fixed ratio"}[objective],
+        "row": label,
         "bits": manifest["bits"]["from_bytes"],
         "mean_ratio": float(np.mean(alloc.ratios)),
         "predicted_kl": alloc.predicted_loss,
@@ -206,23 +237,79 @@ def uniform_rows(s: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def run_peer(args: argparse.Namespace, script: str, flags: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [args.peer_python, str(REPO / "benchmarks" / "peers" / script), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} failed: {proc.stderr[-2000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[7:])  # type: ignore[no-any-return]
+
+
+def peer_rows(s: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """HQQ 2/3-bit and llm-compressor GPTQ, evaluated by the same code (peers/common.py)."""
+    if not args.peer_python:
+        return []
+    model = str(ZOO / s.name)
+    rows = []
+    for bits, group in HQQ:
+        res = run_peer(
+            args,
+            "hqq_quant.py",
+            ["--model", model, "--bits", str(bits), "--group-size", str(group)],
+        )
+        rows.append({**res, "row": f"HQQ W{bits} g{group}"})
+    for bits, group in UNIFORM:
+        flags = ["--model", model, "--bits", str(bits), "--group-size", str(group), "--kl"]
+        flags += ["--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len)]
+        res = run_peer(args, "llmcompressor_gptq.py", flags)
+        rows.append(
+            {**res, "bits": res["bits_per_weight"], "row": f"llm-compressor W{bits} g{group}"}
+        )
+    return rows
+
+
 def nearest(rows: list[dict[str, Any]], budget: float) -> list[dict[str, Any]]:
-    below = [r for r in rows if r["bits"] <= budget + 0.02]
-    above = [r for r in rows if r["bits"] > budget + 0.02]
+    """Per family of rows (tool), the configuration nearest below and nearest above."""
     out = []
-    if below:
-        out.append(max(below, key=lambda r: r["bits"]))
-    if above:
-        out.append(min(above, key=lambda r: r["bits"]))
+    for family in dict.fromkeys(r["row"].rsplit(" W", 1)[0] for r in rows):
+        mine = [r for r in rows if r["row"].rsplit(" W", 1)[0] == family]
+        below = [r for r in mine if r["bits"] <= budget + 0.02]
+        above = [r for r in mine if r["bits"] > budget + 0.02]
+        if below:
+            out.append(max(below, key=lambda r: r["bits"]))
+        if above:
+            out.append(min(above, key=lambda r: r["bits"]))
     return out
 
 
 def part_table(s: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
-    uniform = uniform_rows(s, args)
+    fixed_ones = uniform_rows(s, args) + peer_rows(s, args)
+    dense_sparse = []
+    for lo_bits in (2, 3):
+        label = f"FP16 0.45% + W{lo_bits}"
+        dense_sparse.append(
+            lwq_row(
+                s,
+                None,
+                "fixed",
+                args,
+                float16_state(s, lo_bits),
+                label,
+                ratio=0.0045,
+                lo_bits=lo_bits,
+                hi_bits=16,
+            )
+        )
+    fp16 = float16_state(s, 2)
     table = []
     for budget in args.budgets:
         rows = [lwq_row(s, budget, obj, args) for obj in ("full", "diagonal", "fixed")]
-        rows += nearest(uniform, budget)
+        if not args.no_lwc:
+            rows.append(lwq_row(s, budget, "full", args, label="lwq (QP) + LWC", hi_refine="lwc"))
+        rows.append(lwq_row(s, budget, "fixed", args, fp16, "fixed ratio FP16/2", hi_bits=16))
+        rows += [copy.copy(r) for r in nearest(dense_sparse + fixed_ones, budget)]
         for r in rows:
             r.update(model=s.name, budget=budget)
         table.extend(rows)
@@ -268,7 +355,8 @@ def main() -> None:
     ap.add_argument("--n-allocs", type=int, default=24)
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--heldout-windows", type=int, default=64)
+    ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor rows)")
+    ap.add_argument("--no-lwc", action="store_true", help="skip the learned-clipping rows")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/method"))
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "method.json")
     args = ap.parse_args()
