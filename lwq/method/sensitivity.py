@@ -36,11 +36,29 @@ class ProbeSettings:
     batch_size: int = 8
 
 
+class FisherSketch:
+    """Sketched F^(1/2) o per token for one batch of reference ``logits`` (T, V).
+
+    z = (sqrt(p) * (o - <p, o>)) P = (sqrt(p) * o) P - <p, o> (sqrt(p) P): the
+    softmax and sqrt(p) P are computed once per batch, so each probe costs one
+    elementwise product, one row-dot and one (T, V) x (V, K) product.
+    """
+
+    def __init__(self, logits: torch.Tensor, P: torch.Tensor) -> None:
+        self.p = torch.softmax(logits.float(), dim=-1)  # (T, V) reference distribution
+        self.sqrt_p = self.p.sqrt()
+        self.P = P
+        self.sqrt_p_P = self.sqrt_p @ P  # (T, K)
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        """delta (T, V) -> z (T, K)."""
+        dot = (self.p * delta).sum(dim=-1, keepdim=True)  # <p, o> per token
+        return (self.sqrt_p * delta) @ self.P - dot * self.sqrt_p_P
+
+
 def fisher_sketch(logits: torch.Tensor, delta: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     """Sketched F^(1/2) o per token: logits, delta (T, V), P (V, K) -> (T, K)."""
-    p = torch.softmax(logits.float(), dim=-1)  # (T, V) full-precision next-token distribution
-    centred = delta - (p * delta).sum(dim=-1, keepdim=True)
-    return (p.sqrt() * centred) @ P
+    return FisherSketch(logits, P)(delta)
 
 
 def sketch_matrix(vocab: int, k: int, seed: int) -> torch.Tensor:
@@ -120,6 +138,7 @@ def sensitivity_profile(
         logits = adapter.head(model, block_in[-1])
         T = logits.shape[0] * logits.shape[1]
         logits = logits.reshape(T, -1)
+        sketch = FisherSketch(logits, P)
 
         A = torch.empty(N, T * settings.sketch_dim)
         B = torch.empty_like(A)
@@ -138,8 +157,8 @@ def sensitivity_profile(
                 )
                 for w in probes[name]
             ]
-            z0 = fisher_sketch(logits, deltas[0], P)  # (T, K)
-            zmax = fisher_sketch(logits, deltas[1], P)
+            z0 = sketch(deltas[0])  # (T, K)
+            zmax = sketch(deltas[1])
             if not (torch.isfinite(z0).all() and torch.isfinite(zmax).all()):
                 raise NumericalError(f"{name}: NaN or inf in the output change of its probe")
             A[i] = z0.reshape(-1).cpu()
