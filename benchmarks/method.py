@@ -2,23 +2,27 @@
 
 Parts (``--parts``, default all):
 
-corr   On each model, >= 20 random feasible allocations (ratios in [0, r_max],
-       mean ratio spread over the range): every layer is quantized at its ratio
-       from the full-precision Hessians (as the probes are), and the measured KL
-       divergence and cross-entropy increase on held-out text (the validation
-       slice, never seen by calibration) are compared with the QP's prediction,
-       full and diagonal: Spearman rank correlations and the predicted/measured
-       ratio.
+corr   On each model, two families of >= 20 random feasible allocations
+       (ratios in [0, r_max]): one with the mean ratio spread over the range,
+       one with every allocation at a mean ratio of about 0.1 (one budget).
+       Every layer is quantized at its ratio from the full-precision Hessians
+       (as the probes are); the measured KL divergence and cross-entropy
+       increase on held-out text (the validation slice, never seen by
+       calibration) are compared with the QP's prediction, full and diagonal:
+       Spearman rank correlations and the predicted/measured ratio.
 table  At each budget (average bits per quantized weight, measured from the
-       bytes written): lwq (full QP), diagonal-only, one fixed ratio, and the
-       uniform GPTQ configurations nearest below and above; perplexity on the
-       validation slice and on WikiText-2 test (when ../shared is present), KL on
-       held-out text, bits from bytes, seconds.
+       bytes written): lwq (full QP), lwq + learned clipping (LWC), diagonal
+       only, one fixed ratio (4/2 bits), one fixed ratio with float16
+       high-impact weights, and the nearest configurations below and above of:
+       float16 0.45 % dense-and-sparse with a 2- or 3-bit rest, uniform GPTQ,
+       and with --peer-python HQQ and llm-compressor's GPTQ. Perplexity on the
+       validation slice and on WikiText-2 test (when ../shared is present), KL
+       and cross-entropy increase on held-out text, bits, seconds.
 
 The sensitivity profile is computed once per model and reused by every budget
 (as ``lwq sweep`` does). Writes a JSON next to the markdown it prints.
 
-    python benchmarks/method.py --models llama-6l-128d gpt2-6l-128d
+    python benchmarks/method.py --peer-python /path/to/peer-venv/bin/python
 """
 
 from __future__ import annotations
@@ -94,13 +98,20 @@ class Setup:
         self.windows = heldout_windows(self.tok, args.seq_len)
 
 
-def random_allocations(n_layers: int, count: int, r_max: float, seed: int) -> list[np.ndarray]:
-    """Ratios in [0, r_max]: a mean level spread over the range, per-layer log-normal spread."""
+def random_allocations(
+    n_layers: int, count: int, r_max: float, seed: int, level: float | None = None
+) -> list[np.ndarray]:
+    """Ratios in [0, r_max] with a per-layer log-normal spread around a mean level.
+
+    ``level=None`` spreads the level over the range (allocations at many
+    budgets); a fixed level gives allocations of about one budget, which only
+    differ in where the ratio goes: the question the QP answers.
+    """
     rng = np.random.default_rng(seed)
     out = []
     for k in range(count):
-        level = r_max * (0.05 + 0.6 * k / max(1, count - 1))
-        r = level * rng.lognormal(0.0, 0.8, n_layers)
+        lv = r_max * (0.05 + 0.6 * k / max(1, count - 1)) if level is None else level
+        r = lv * rng.lognormal(0.0, 0.8, n_layers)
         out.append(np.clip(r, 0.0, r_max))
     rng.shuffle(out)  # type: ignore[arg-type]
     return out
@@ -124,12 +135,13 @@ def quantized_copy(s: Setup, ratios: np.ndarray) -> torch.nn.Module:
     return model
 
 
-def part_corr(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
+def part_corr(s: Setup, args: argparse.Namespace, level: float | None) -> dict[str, Any]:
     from lwq.eval.divergence import output_divergence
 
     profile = s.state.profile
     rows = []
-    for ratios in random_allocations(len(s.state.names), args.n_allocs, profile.r_max, 0):
+    n = len(s.state.names)
+    for ratios in random_allocations(n, args.n_allocs, profile.r_max, 0, level):
         div = output_divergence(s.fp, quantized_copy(s, ratios), s.windows)
         bits = sum(c.bits(float(r)) for c, r in zip(s.state.costs, ratios, strict=True))
         rows.append(
@@ -142,7 +154,8 @@ def part_corr(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
                 "ce_increase": div.ce_increase,
             }
         )
-    res: dict[str, Any] = {"model": s.name, "n": len(rows), "rows": rows}
+    family = "spread levels" if level is None else f"mean ratio {level:g}"
+    res: dict[str, Any] = {"model": s.name, "family": family, "n": len(rows), "rows": rows}
     for obj in ("full", "diagonal"):
         pred = [r[f"pred_{obj}"] for r in rows]
         res[f"spearman_kl_{obj}"] = float(spearmanr(pred, [r["kl"] for r in rows]).statistic)
@@ -324,11 +337,12 @@ def print_corr(results: list[dict[str, Any]]) -> None:
     print(
         "\n| model | allocations | objective | Spearman KL | Spearman CE | predicted/measured KL |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         for obj in ("full", "diagonal"):
             print(
-                f"| {r['model']} | {r['n']} | {obj} | {r[f'spearman_kl_{obj}']:.3f} "
+                f"| {r['model']} | {r['family']} | {r['n']} | {obj} "
+                f"| {r[f'spearman_kl_{obj}']:.3f} "
                 f"| {r[f'spearman_ce_{obj}']:.3f} | {r[f'pred_over_kl_{obj}']:.3f} |"
             )
 
@@ -368,8 +382,9 @@ def main() -> None:
         prep[model] = {"seconds": s.prepare_seconds, **s.state.seconds}
         print(f"{model}: prepare {s.prepare_seconds:.0f} s {s.state.seconds}", flush=True)
         if "corr" in args.parts:
-            corr.append(part_corr(s, args))
-            print_corr(corr[-1:])
+            for level in (None, 0.1):
+                corr.append(part_corr(s, args, level))
+                print_corr(corr[-1:])
         if "table" in args.parts:
             table.extend(part_table(s, args))
     result.update(prepare=prep, corr=corr, table=table)
