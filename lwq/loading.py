@@ -228,3 +228,32 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         )
     else:
         owner._buffers[attr] = value
+
+
+def read_layer_weights(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The (d_out, d_in) float32 weights of the named quantizable layers, from disk.
+
+    Reads only those tensors (memory-mapped), so one layer of a large model can
+    be quantized without building the model: what a per-layer task needs.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    adapter = adapter_for(config.model_type)
+    index = SafetensorsIndex(Path(path))
+    renamed = {adapter.model_key(k): k for k in index.weight_map}
+    prefix = adapter.blocks.split(".", 1)[0] + "."
+    out = {}
+    try:
+        with index.reading():
+            for name in names:
+                key = renamed.get(name + ".weight")
+                if key is None and name.startswith(prefix):  # saved from the base model
+                    key = renamed.get(name[len(prefix) :] + ".weight")
+                if key is None:
+                    raise ModelLoadError(f"--model {path}: the checkpoint has no weight of {name}")
+                w = index.get(key).to(torch.float32)
+                out[name] = (w.t() if adapter.transposed else w).contiguous()
+    finally:
+        index.close()
+    return out

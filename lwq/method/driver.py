@@ -11,7 +11,9 @@ packed checkpoint with its allocation report. A sweep calls ``prepare`` once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 from lwq.adapters import ModelAdapter
 from lwq.calibration import CalibrationSet
 from lwq.config import LwqConfig
+from lwq.errors import LwqError
 from lwq.loading import LazyCausalLM
 from lwq.method.cost import LayerCost, layer_cost
 from lwq.method.fisher import fisher_diagonal
@@ -30,10 +33,11 @@ from lwq.method.qp import Allocation, SensitivityProfile, solve_allocation, tota
 from lwq.method.saliency import ranking, saliency
 from lwq.method.sensitivity import ProbeSettings, sensitivity_profile
 from lwq.pack.checkpoint import CheckpointWriter, check_output_dir
-from lwq.pack.layer import pack_layer
+from lwq.pack.layer import PackedLayer, pack_layer
 from lwq.quant.gptq import GPTQSettings
 from lwq.quant.grid import GridSpec
 from lwq.quant.lwc import LWCSettings
+from lwq.quant.types import QuantizedWeight
 from lwq.stats import InMemoryCausalLM, iter_block_stats
 
 log = logging.getLogger(__name__)
@@ -225,6 +229,112 @@ def allocation_report(
     }
 
 
+def quantize_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    state: MethodState,
+    name: str,
+    ratio: float,
+    settings: GPTQSettings,
+    lwc: LWCSettings | None = None,
+) -> tuple[QuantizedWeight, float]:
+    """One layer at its ratio, and its relative output error tr(dW H dW^T) / tr(W H W^T)."""
+    qw = quantize_at_ratio(W, H, state.orders[name], ratio, state.lo, state.hi, settings, name, lwc)
+    dW = W - qw.dequantize()
+    return qw, float(((dW @ H) * dW).sum() / ((W @ H) * W).sum())
+
+
+def _quantization_meta(config: LwqConfig, calib: CalibrationSet, mode: str) -> dict[str, Any]:
+    return {
+        "method": "lwq",
+        "mode": mode,
+        "settings": config.model_dump(mode="json"),
+        "calibration": {
+            "source": calib.source,
+            "n_samples": calib.n_samples,
+            "seq_len": calib.seq_len,
+            "seed": calib.seed,
+            "sha256": calib.sha256,
+        },
+    }
+
+
+def write_packed_checkpoint(
+    model_dir: Path,
+    out: Path,
+    packed: list[PackedLayer],
+    state: MethodState,
+    alloc: Allocation,
+    calib: CalibrationSet,
+    config: LwqConfig,
+    output_error: dict[str, float],
+) -> dict[str, Any]:
+    """A checkpoint from layers quantized independently (parallel mode, e.g. by a flow)."""
+    from transformers import AutoConfig
+
+    from lwq.adapters import adapter_for
+    from lwq.loading import SafetensorsIndex
+    from lwq.quantize import unquantized_tensors
+
+    model_config = AutoConfig.from_pretrained(model_dir)
+    adapter = adapter_for(model_config.model_type)
+    by_name = {p.name: p for p in packed}
+    missing = [n for n in state.names if n not in by_name]
+    if missing:
+        raise LwqError(f"{len(missing)} layers were not quantized, e.g. {missing[0]}")
+    blocks: dict[int, list[PackedLayer]] = {}
+    for name in state.names:  # model order within each block
+        blocks.setdefault(block_index(name, adapter), []).append(by_name[name])
+    index = SafetensorsIndex(model_dir)
+    try:
+        with CheckpointWriter(out, model_dir, config.overwrite) as writer:
+            for i in sorted(blocks):
+                writer.add_block(i, blocks[i])
+            writer.add_rest(unquantized_tensors(index, adapter, set(state.names)))
+            return writer.finish(
+                model_config.to_dict(),
+                _quantization_meta(config, calib, "parallel"),
+                {"allocation": allocation_report(state, alloc, output_error)},
+            )
+    finally:
+        index.close()
+
+
+def block_index(name: str, adapter: ModelAdapter) -> int:
+    return int(name[len(adapter.blocks) + 1 :].split(".", 1)[0])
+
+
+STATE_FILE = "state.pt"
+
+
+def save_state(state: MethodState, directory: Path) -> Path:
+    """Write ``state`` as ``state.pt`` plus one Hessian file per layer (read one at a time)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    hdir = directory / "hessians"
+    hdir.mkdir(exist_ok=True)
+    for i, name in enumerate(state.names):
+        torch.save(state.hessians[name], hdir / f"{i:05d}.pt")
+    light = dataclasses.replace(state, hessians={})
+    tmp = directory / (STATE_FILE + ".partial")
+    torch.save(light, tmp)
+    os.replace(tmp, directory / STATE_FILE)  # last: its presence means complete
+    return directory
+
+
+def load_state(directory: Path) -> MethodState:
+    """The state without Hessians (``load_hessian`` reads one layer's)."""
+    state = torch.load(directory / STATE_FILE, weights_only=False)
+    if not isinstance(state, MethodState) or state.version != MethodState.version:
+        raise LwqError(f"{directory}: not a method state of this lwq version; recompute it")
+    return state
+
+
+def load_hessian(directory: Path, state: MethodState, name: str) -> torch.Tensor:
+    H = torch.load(directory / "hessians" / f"{state.names.index(name):05d}.pt")
+    assert isinstance(H, torch.Tensor)
+    return H
+
+
 def quantize_allocation(
     model_dir: Path,
     out: Path,
@@ -252,40 +362,16 @@ def quantize_allocation(
                 packed = []
                 for name, mod in step.layers.items():
                     W = adapter.read_weight(mod)
-                    H = step.hessians[name]
-                    qw = quantize_at_ratio(
-                        W,
-                        H,
-                        state.orders[name],
-                        ratio[name],
-                        state.lo,
-                        state.hi,
-                        settings,
-                        name,
-                        lwc,
+                    qw, output_error[name] = quantize_layer(
+                        W, step.hessians[name], state, name, ratio[name], settings, lwc
                     )
-                    Q = qw.dequantize()
-                    dW = W - Q
-                    # Relative output error on this layer's own inputs: tr(dW H dW^T) / tr(W H W^T).
-                    output_error[name] = float(((dW @ H) * dW).sum() / ((W @ H) * W).sum())
-                    adapter.write_weight(mod, Q)
+                    adapter.write_weight(mod, qw.dequantize())
                     packed.append(pack_layer(name, qw))
                 writer.add_block(step.index, packed)
             writer.add_rest(unquantized_tensors(source.index, adapter, set(ratio)))
-            quantization = {
-                "method": "lwq",
-                "settings": config.model_dump(mode="json"),
-                "calibration": {
-                    "source": calib.source,
-                    "n_samples": calib.n_samples,
-                    "seq_len": calib.seq_len,
-                    "seed": calib.seed,
-                    "sha256": calib.sha256,
-                },
-            }
             return writer.finish(
                 source.model.config.to_dict(),
-                quantization,
+                _quantization_meta(config, calib, config.calib.mode),
                 {"allocation": allocation_report(state, alloc, output_error)},
             )
     finally:

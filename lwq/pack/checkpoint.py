@@ -124,7 +124,9 @@ class CheckpointWriter(AbstractContextManager["CheckpointWriter"]):
         save_file(
             {"packed": blob.contiguous()},
             str(self.stage / name),
-            metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)},
+            # One key: safetensors writes metadata from a hash map, so with two
+            # keys their order (and the file's bytes) would change run to run.
+            metadata={"format": f"{FORMAT_NAME} v{FORMAT_VERSION}"},
         )
         self.files.append(name)
 

@@ -104,3 +104,61 @@ def test_float16_high_impact_weights_and_lwc_end_to_end(tmp_path: Path) -> None:
         assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
     with pytest.raises(ConfigError, match="hi_bits"):
         _cfg(model_dir, tmp_path / "c", 2.6, hi_bits=5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layer_by_layer_checkpoint_equals_the_parallel_pass(family: str, tmp_path: Path) -> None:
+    """What a flow does (state saved, layers quantized one by one, then packed)
+    gives the same bytes as the one-pass parallel-mode driver."""
+    from lwq.adapters import adapter_for
+    from lwq.calibration import build_calibration_set
+    from lwq.loading import read_layer_weights
+    from lwq.method.driver import (
+        allocate,
+        gptq_settings,
+        load_hessian,
+        load_state,
+        prepare,
+        quantize_allocation,
+        quantize_layer,
+        save_state,
+        write_packed_checkpoint,
+    )
+    from lwq.models import load_model_dir
+    from lwq.pack.checkpoint import read_manifest
+    from lwq.pack.layer import pack_layer
+
+    model_dir = save_tiny_model_dir(family, tmp_path / "m")
+    cfg = _cfg(model_dir, tmp_path / "a", 2.7)
+    cfg = cfg.model_copy(update={"calib": cfg.calib.model_copy(update={"mode": "parallel"})})
+    model, tok = load_model_dir(model_dir)
+    adapter = adapter_for(model.config.model_type)
+    calib = build_calibration_set(tok, str(ZOO / "data" / "calibration.txt"), 4, 32, 0)
+    state = prepare(model, adapter, calib, cfg, progress=False)
+    alloc = allocate(state, cfg)
+    one_pass = quantize_allocation(model_dir, tmp_path / "a", state, alloc, calib, cfg, False)
+
+    save_state(state, tmp_path / "state")
+    light = load_state(tmp_path / "state")
+    assert light.hessians == {} and light.names == state.names
+    weights = read_layer_weights(model_dir, list(state.names))
+    packed, errors = [], {}
+    for name, r in zip(alloc.names, alloc.ratios, strict=True):
+        H = load_hessian(tmp_path / "state", light, name)
+        assert torch.equal(H, state.hessians[name])
+        assert torch.equal(
+            weights[name], adapter.read_weight(dict(adapter.iter_layers(model))[name])
+        )
+        qw, errors[name] = quantize_layer(weights[name], H, light, name, r, gptq_settings(cfg))
+        packed.append(pack_layer(name, qw))
+    by_layer = write_packed_checkpoint(
+        model_dir, tmp_path / "b", packed[::-1], light, alloc, calib, cfg, errors
+    )
+    from lwq.pack.checkpoint import iter_packed_layers
+
+    a = {p.name: p for p in iter_packed_layers(tmp_path / "a", one_pass)}
+    b = {p.name: p for p in iter_packed_layers(tmp_path / "b", by_layer)}
+    for name in state.names:
+        assert torch.equal(a[name].data, b[name].data), name
+    assert by_layer["files"] == one_pass["files"]  # same bytes, file by file
+    assert read_manifest(tmp_path / "b")["quantization"]["mode"] == "parallel"
