@@ -174,6 +174,50 @@ def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import os
+
+    # Prefect's ephemeral server needs more than its default 20 s on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    config = _config_from_args(args, method="lwq")
+    overrides = {
+        "pipeline.work_dir": None if args.work_dir is None else str(args.work_dir),
+        "pipeline.storage": args.storage,
+        "pipeline.registry_name": args.registry_name,
+        "pipeline.eval_data": None if args.data is None else str(args.data),
+        "pipeline.task_runner": args.task_runner,
+    }
+    from lwq.config import with_overrides
+
+    config = with_overrides(config, overrides)
+    if config.calib.source is None:
+        zoo_calib = Path(str(config.model)).parent / "data" / "calibration.txt"
+        if zoo_calib.is_file():  # a zoo model: its calibration slice
+            config = with_overrides(config, {"calib.source": str(zoo_calib)})
+    budgets = None if args.budgets is None else _parse_budgets(args.budgets)
+    try:
+        from flows.compress import run
+    except ImportError as err:
+        raise LwqError(f"lwq run needs the pipeline packages (tasks, flows): {err}") from err
+    for res in run(config, budgets):
+        r, reg = res.report, res.registered
+        ppl = "-" if r.perplexity is None else f"{r.perplexity:.3f}"
+        fp_ppl = "-" if r.perplexity_fp is None else f"{r.perplexity_fp:.3f}"
+        print(f"budget {res.budget:g}: checkpoint {res.uri}")
+        print(
+            f"  registered {reg.name} version {reg.version} "
+            f"({', '.join(reg.aliases) or 'no alias'}{'' if reg.new else ', already registered'})"
+        )
+        print(
+            f"  bits {r.bits:.4f} (from bytes), perplexity {ppl} (full precision {fp_ppl}), "
+            f"predicted KL {r.predicted_kl:.4f}"
+        )
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())
+        print(f"  stages: {stages}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from lwq.pack.checkpoint import read_manifest
 
@@ -385,6 +429,32 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--data", type=Path, help="text to measure each checkpoint's perplexity on")
     _add_quantize_args(sw)
     sw.set_defaults(func=_cmd_sweep)
+
+    rn = sub.add_parser(
+        "run",
+        help="the workflow: quantize, evaluate, store and register (Prefect + MLflow)",
+        description="Run the Prefect flow calibrate -> sensitivity -> QP solve -> per-layer "
+        "quantization -> pack -> evaluate -> upload -> register. With nothing configured it "
+        "runs locally: Prefect's ephemeral server, MLflow on WORK_DIR/mlflow.db, checkpoints "
+        "in WORK_DIR/store. Point it at servers with PREFECT_API_URL, MLFLOW_TRACKING_URI "
+        "(or pipeline.tracking_uri) and --storage s3://BUCKET/PREFIX with AWS_ENDPOINT_URL. "
+        "Stages are cached by content: a rerun, or a rerun after a crash, recomputes only "
+        "what changed, and registers nothing twice.",
+    )
+    rn.add_argument(
+        "--bits",
+        dest="budgets",
+        help="method.budget, or several comma-separated budgets (a sweep)",
+    )
+    rn.add_argument("--data", type=Path, help="pipeline.eval_data: text for the perplexities")
+    rn.add_argument("--work-dir", type=Path, help="pipeline.work_dir (default .lwq)")
+    rn.add_argument("--storage", help="pipeline.storage: a folder or s3://BUCKET/PREFIX")
+    rn.add_argument("--registry-name", help="pipeline.registry_name (default lwq-<model>)")
+    rn.add_argument(
+        "--task-runner", choices=["local", "dask"], help="pipeline.task_runner (default local)"
+    )
+    _add_quantize_args(rn)
+    rn.set_defaults(func=_cmd_run)
 
     info = sub.add_parser("info", help="show a packed checkpoint's manifest, bits and layers")
     info.add_argument("checkpoint", type=Path, help="packed checkpoint directory")

@@ -123,6 +123,43 @@ class MethodConfig(_Strict):
             )
 
 
+class PipelineConfig(_Strict):
+    """Where the workflow (``lwq run``, flows/) keeps its work, tracks and registers.
+
+    Nothing here is read by the library; the defaults run everything locally
+    (Prefect's ephemeral server, MLflow on a sqlite file, checkpoints on disk).
+    """
+
+    work_dir: str = Field(
+        ".lwq", description="local folder for intermediate artifacts, task results, MLflow"
+    )
+    storage: str | None = Field(
+        None,
+        description="where checkpoints go: a local folder (default WORK_DIR/checkpoints) "
+        "or s3://BUCKET/PREFIX on any S3-compatible endpoint",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS itself)"
+    )
+    create_bucket: bool = Field(False, description="create the bucket when it does not exist")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite file)"
+    )
+    experiment: str = "lwq"
+    registry_name: str | None = Field(
+        None, description="registered model name (default: lwq-<model folder name>)"
+    )
+    force_registry: bool = Field(
+        False, description="register even if the name belongs to another base model"
+    )
+    eval_data: str | None = Field(None, description="text file for the perplexity metrics")
+    task_runner: Literal["local", "dask"] = "local"
+    dask_address: str | None = Field(
+        None, description="address of an existing Dask scheduler (dask runner)"
+    )
+    dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes (dask runner)")
+
+
 class LwqConfig(_Strict):
     model: str | None = Field(None, description="local Hugging Face model directory")
     out: str | None = Field(None, description="output checkpoint directory")
@@ -132,6 +169,7 @@ class LwqConfig(_Strict):
     quant: QuantConfig = QuantConfig()
     gptq: GPTQConfig = GPTQConfig()
     method: MethodConfig = MethodConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     def require(self, *names: str) -> None:
         """Fail early when a setting the job needs is not given."""

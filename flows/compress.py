@@ -1,0 +1,150 @@
+"""The flows: wiring only. calibrate -> sensitivity -> solve -> quantize layers -> pack
+-> evaluate -> upload -> register.
+
+``compress`` takes one model and one budget, ``sweep`` several budgets sharing
+calibration and sensitivity; both take the ``LwqConfig`` the CLI uses. Every
+stage is a cached task (``tasks.stages``), so a rerun after a crash or with a
+new budget recomputes only what changed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.context import get_run_context
+
+from lwq.config import LwqConfig
+from tasks.runners import task_runner_for
+from tasks.stages import (
+    EvalReport,
+    Fingerprint,
+    calibrate,
+    evaluate,
+    fingerprint,
+    pack,
+    quantize_layer,
+    sensitivity,
+    solve,
+    upload,
+)
+from tasks.tracking import Registered, register
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    budget: float
+    checkpoint: str  # local folder
+    uri: str  # where it is stored
+    report: EvalReport
+    registered: Registered
+    seconds: dict[str, float]
+
+
+def _flow_run_id() -> str:
+    ctx: Any = get_run_context()
+    return str(ctx.flow_run.id)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    calib_path: str
+    calib_sha: str
+    state_dir: str
+    state_key: str
+    seconds: dict[str, float]
+
+
+def _prepare(config: LwqConfig, fp: Fingerprint) -> Prepared:
+    model_dir, work = str(config.model), config.pipeline.work_dir
+    calib_path, calib_sha, calib_s = calibrate(
+        model_dir, work, fp.model_sha, fp.source_sha, config.calib.model_dump(mode="json")
+    )
+    state_dir, state_key, sens_s = sensitivity(
+        model_dir,
+        work,
+        calib_path,
+        config,
+        fp.model_sha,
+        calib_sha,
+        config.method.model_dump(mode="json", exclude={"budget"}),
+        config.gptq.model_dump(mode="json"),
+    )
+    seconds = {"calibrate": calib_s, "sensitivity": sens_s}
+    return Prepared(calib_path, calib_sha, state_dir, state_key, seconds)
+
+
+def _compress_budget(
+    config: LwqConfig, budget: float, fp: Fingerprint, prep: Prepared
+) -> CompressResult:
+    model_dir, work = str(config.model), config.pipeline.work_dir
+    method = config.method.model_dump(mode="json", exclude={"budget"})
+    gptq = config.gptq.model_dump(mode="json")
+    t = time.perf_counter()
+    alloc = solve(prep.state_dir, config, prep.state_key, budget, method)
+    solve_s = time.perf_counter() - t
+    t = time.perf_counter()
+    layers = quantize_layer.map(
+        unmapped(model_dir),
+        unmapped(work),
+        unmapped(prep.state_dir),
+        unmapped(config),
+        unmapped(fp.model_sha),
+        unmapped(prep.state_key),
+        list(alloc.names),
+        list(alloc.ratios),
+        unmapped(gptq),
+        unmapped(method),
+    ).result()
+    quantize_s = time.perf_counter() - t
+    keys = [fp.model_sha, prep.state_key, list(alloc.ratios), gptq, method]
+    ckpt, manifest_sha = pack(
+        model_dir, work, prep.state_dir, prep.calib_path, layers, config, alloc, keys
+    )
+    report = evaluate(ckpt, model_dir, config, manifest_sha, fp.eval_sha)
+    run_fp = fp.for_budget(budget)
+    key = f"{Path(model_dir).name}/{run_fp.run}"
+    t = time.perf_counter()
+    uri = upload(ckpt, config.pipeline, key)
+    seconds = {
+        **prep.seconds,
+        "solve": solve_s,
+        "quantize": quantize_s,
+        "evaluate": report.seconds,
+        "upload": time.perf_counter() - t,
+    }
+    registered = register(config, run_fp, ckpt, uri, key, report, seconds, _flow_run_id())
+    return CompressResult(budget, ckpt, uri, report, registered, seconds)
+
+
+@flow(name="lwq-compress", validate_parameters=False)
+def compress(config: LwqConfig) -> CompressResult:
+    """One model, one budget (``method.budget``)."""
+    fp = fingerprint(config)
+    return _compress_budget(config, config.method.budget, fp, _prepare(config, fp))
+
+
+@flow(name="lwq-sweep", validate_parameters=False)
+def sweep(config: LwqConfig, budgets: list[float]) -> list[CompressResult]:
+    """One model, several budgets: calibration and sensitivity computed once."""
+    fp = fingerprint(config)
+    prep = _prepare(config, fp)
+    return [_compress_budget(config, b, fp, prep) for b in budgets]
+
+
+def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressResult]:
+    """``compress`` (one budget) or ``sweep`` with the configured task runner."""
+    options: dict[str, Any] = {
+        "task_runner": task_runner_for(config.pipeline),
+        # Task results (and so the caches) live with the rest of the work.
+        "result_storage": Path(config.pipeline.work_dir).resolve() / "results",
+    }
+    if budgets and len(budgets) > 1:
+        return sweep.with_options(**options)(config, budgets)
+    if budgets:
+        method = config.method.model_copy(update={"budget": budgets[0]})
+        config = config.model_copy(update={"method": method})
+    return [compress.with_options(**options)(config)]

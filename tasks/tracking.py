@@ -1,0 +1,294 @@
+"""MLflow: one parent run per flow run, nested runs per stage, the registered model.
+
+The checkpoint is logged as a pyfunc model whose only artifact is a pointer
+(checkpoint URI, S3 endpoint, manifest SHA-256); ``load_context`` fetches the
+packed files from wherever they are stored, verifies them, and rebuilds the
+quantized model. Every new version gets the alias ``candidate``; ``champion``
+moves only when the new version has a lower perplexity at no more bits than
+the current champion. A run fingerprint (model, calibration text, config) is a
+tag of the version: a rerun of a finished run registers nothing new.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+from prefect import task
+
+from lwq.config import LwqConfig
+from lwq.errors import ConfigError, LwqError
+from tasks.stages import EvalReport, Fingerprint
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "boto3", "pandas"]
+
+
+class TrackingError(LwqError):
+    """The MLflow tracking server cannot be reached or refused the request."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    run_id: str
+    aliases: tuple[str, ...]
+    new: bool  # False: this fingerprint was already registered
+
+
+class LwqCheckpointModel(PythonModel):  # type: ignore[misc]
+    """A packed lwq checkpoint as an MLflow pyfunc: predicts perplexity per text."""
+
+    def load_context(self, context: Any) -> None:
+        from lwq.pack.checkpoint import load_quantized
+        from tasks.storage import download_checkpoint, open_store
+
+        pointer = json.loads(Path(context.artifacts["pointer"]).read_text(encoding="utf-8"))
+        location, key = pointer["store"], pointer["key"]
+        store = open_store(location, pointer.get("s3_endpoint_url"))
+        cache = Path(tempfile.gettempdir()) / "lwq-models" / pointer["manifest_sha256"][:24]
+        ckpt = download_checkpoint(store, key, cache)
+        self.model, self.tokenizer, self.manifest = load_quantized(ckpt)
+
+    def predict(self, context: Any, model_input: Any, params: Any = None) -> list[float]:
+        """Perplexity of each text (a column ``text`` or a list of strings)."""
+        from lwq.eval.perplexity import perplexity_of_text
+
+        texts = list(model_input["text"]) if hasattr(model_input, "columns") else model_input
+        seq = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        return [
+            perplexity_of_text(self.model, self.tokenizer, t, min(seq, 2048), 8).perplexity
+            for t in texts
+        ]
+
+
+def tracking_uri(config: LwqConfig) -> str:
+    p = config.pipeline
+    if p.tracking_uri:
+        return p.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = Path(p.work_dir).resolve() / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def registry_name(config: LwqConfig) -> str:
+    return config.pipeline.registry_name or f"lwq-{Path(str(config.model)).name}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _client(config: LwqConfig) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _wrap(err: Exception, config: LwqConfig) -> TrackingError:
+    return TrackingError(
+        f"MLflow at {tracking_uri(config)} failed ({type(err).__name__}: "
+        f"{str(err)[:200]}); check pipeline.tracking_uri or MLFLOW_TRACKING_URI"
+    )
+
+
+def find_registered(config: LwqConfig, fp: Fingerprint) -> Registered | None:
+    """The version this run fingerprint already registered, if any."""
+    client = _client(config)
+    name = registry_name(config)
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" in str(err):
+            return None
+        raise _wrap(err, config) from err
+    for v in versions:
+        if v.tags.get("lwq.run_fingerprint") == fp.run:
+            aliases = tuple(getattr(v, "aliases", []) or [])
+            return Registered(name, str(v.version), str(v.run_id), aliases, new=False)
+    return None
+
+
+def _check_base_model(client: Any, name: str, fp: Fingerprint, force: bool) -> None:
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        return  # a new name
+    base = model.tags.get("lwq.base_model_sha256")
+    if base and base != fp.model_sha and not force:
+        raise ConfigError(
+            f"the registry name {name!r} holds versions of another base model "
+            f"({base[:12]}...); choose another pipeline.registry_name or set "
+            "pipeline.force_registry: true"
+        )
+
+
+def _champion_moves(client: Any, name: str, report: EvalReport) -> bool:
+    """A lower perplexity at no more bits than the champion (or no champion yet)."""
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return True
+    run = client.get_run(champ.run_id)
+    ppl, bits = run.data.metrics.get("perplexity"), run.data.metrics.get("bits")
+    if report.perplexity is None or ppl is None or bits is None:
+        return False
+    return report.perplexity < ppl and report.bits <= bits + 1e-9
+
+
+def _write_artifacts(
+    tmp: Path, manifest: dict[str, Any], report: EvalReport, ckpt: Path
+) -> list[Path]:
+    alloc = manifest["allocation"]
+    table = tmp / "allocation.csv"
+    with table.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "ratio", "n_hi", "bits_per_weight", "predicted_loss", "output_error"])
+        for x in alloc["layers"]:
+            w.writerow(
+                [
+                    x["name"],
+                    x["ratio"],
+                    x["n_hi"],
+                    x["bits_per_weight"],
+                    x["predicted_loss"],
+                    x["output_error"],
+                ]
+            )
+    (tmp / "eval_report.json").write_text(json.dumps(asdict(report), indent=1), encoding="utf-8")
+    from lwq.plots import allocation_plot, pareto_plot
+
+    names = [x["name"] for x in alloc["layers"]]
+    ratios = [x["ratio"] for x in alloc["layers"]]
+    plot = allocation_plot(names, {f"{report.bits:.3f} bits": ratios}, tmp / "allocation.png")
+    files = [ckpt / "lwq_manifest.json", table, tmp / "eval_report.json", plot]
+    if report.perplexity is not None:
+        files.append(
+            pareto_plot(
+                {"lwq": [(report.bits, report.perplexity)]},
+                tmp / "pareto.png",
+                reference=report.perplexity_fp,
+            )
+        )
+    return files
+
+
+@task(name="register", retries=2, retry_delay_seconds=[2, 8])
+def register(
+    config: LwqConfig,
+    fp: Fingerprint,
+    ckpt: str,
+    ckpt_uri: str,
+    store_key: str,
+    report: EvalReport,
+    stage_seconds: dict[str, float],
+    flow_run_id: str,
+) -> Registered:
+    """Track the run in MLflow and register its checkpoint (once per fingerprint)."""
+    from lwq.pack.checkpoint import read_manifest
+
+    done = find_registered(config, fp)
+    if done is not None:
+        if not done.aliases:  # killed before the alias was set
+            _client(config).set_registered_model_alias(done.name, CANDIDATE, done.version)
+        return done
+    client = _client(config)
+    name = registry_name(config)
+    p = config.pipeline
+    try:
+        _check_base_model(client, name, fp, p.force_registry)
+        mlflow.set_experiment(p.experiment)
+        manifest = read_manifest(Path(ckpt))
+        tags = {
+            "lwq.git_commit": git_commit(),
+            "lwq.prefect_flow_run_id": flow_run_id,
+            "lwq.checkpoint_uri": ckpt_uri,
+            "lwq.base_model_sha256": fp.model_sha,
+            "lwq.config_sha256": fp.config_sha,
+            "lwq.run_fingerprint": fp.run,
+        }
+        with mlflow.start_run(run_name=f"lwq-{fp.run}", tags=tags) as run:
+            params = {k: str(v) for k, v in config.flat().items()}
+            mlflow.log_params(params)
+            for stage, secs in stage_seconds.items():
+                with mlflow.start_run(run_name=stage, nested=True):
+                    mlflow.log_metric("seconds", secs)
+            metrics = {
+                "bits": report.bits,
+                "bits_cost_model": report.bits_model,
+                "predicted_kl": report.predicted_kl,
+                **{f"seconds_{k}": v for k, v in stage_seconds.items()},
+            }
+            if report.perplexity is not None:
+                metrics["perplexity"] = report.perplexity
+            if report.perplexity_fp is not None:
+                metrics["perplexity_fp"] = report.perplexity_fp
+            mlflow.log_metrics(metrics)
+            with tempfile.TemporaryDirectory() as tmpdir:
+                tmp = Path(tmpdir)
+                for f in _write_artifacts(tmp, manifest, report, Path(ckpt)):
+                    mlflow.log_artifact(str(f))
+                pointer = tmp / "pointer.json"
+                location = p.storage or str((Path(p.work_dir) / "store").resolve())
+                pointer.write_text(
+                    json.dumps(
+                        {
+                            "store": location,
+                            "key": store_key,
+                            "uri": ckpt_uri,
+                            "s3_endpoint_url": p.s3_endpoint_url,
+                            "manifest_sha256": _manifest_sha(Path(ckpt)),
+                        }
+                    ),
+                    encoding="utf-8",
+                )
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=LwqCheckpointModel(),
+                    artifacts={"pointer": str(pointer)},
+                    pip_requirements=PIP_REQUIREMENTS,
+                )
+            # The version is created with its fingerprint tag in one call, so a
+            # crash cannot leave a version that a rerun would not recognise.
+            mv = mlflow.register_model(info.model_uri, name, tags=tags)
+            version = str(mv.version)
+            client.set_registered_model_tag(name, "lwq.base_model_sha256", fp.model_sha)
+            aliases = [CANDIDATE]
+            client.set_registered_model_alias(name, CANDIDATE, version)
+            if _champion_moves(client, name, report):
+                client.set_registered_model_alias(name, CHAMPION, version)
+                aliases.append(CHAMPION)
+            return Registered(name, version, run.info.run_id, tuple(aliases), new=True)
+    except (ConfigError, LwqError):
+        raise
+    except Exception as err:  # MLflow's own, requests', sqlalchemy's errors
+        raise _wrap(err, config) from err
+
+
+def _manifest_sha(ckpt: Path) -> str:
+    from lwq.hashing import file_sha256
+
+    return file_sha256(ckpt / "lwq_manifest.json")
