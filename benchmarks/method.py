@@ -335,7 +335,7 @@ def fmt(x: Any, spec: str) -> str:
 
 def print_corr(results: list[dict[str, Any]]) -> None:
     print(
-        "\n| model | allocations | objective | Spearman KL | Spearman CE | predicted/measured KL |"
+        "\n| model | allocations | n | objective | Spearman KL | Spearman CE | pred/measured KL |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in results:
