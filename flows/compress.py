@@ -42,6 +42,7 @@ class CompressResult:
     report: EvalReport
     registered: Registered
     seconds: dict[str, float]
+    flow_run_id: str
 
 
 def _flow_run_id() -> str:
@@ -116,8 +117,9 @@ def _compress_budget(
         "evaluate": report.seconds,
         "upload": time.perf_counter() - t,
     }
-    registered = register(config, run_fp, ckpt, uri, key, report, seconds, _flow_run_id())
-    return CompressResult(budget, ckpt, uri, report, registered, seconds)
+    flow_run_id = _flow_run_id()
+    registered = register(config, run_fp, ckpt, uri, key, report, seconds, flow_run_id)
+    return CompressResult(budget, ckpt, uri, report, registered, seconds, flow_run_id)
 
 
 @flow(name="lwq-compress", validate_parameters=False)

@@ -59,11 +59,14 @@ class LwqCheckpointModel(PythonModel):  # type: ignore[misc]
         ckpt = download_checkpoint(store, key, cache)
         self.model, self.tokenizer, self.manifest = load_quantized(ckpt)
 
-    def predict(self, context: Any, model_input: Any, params: Any = None) -> list[float]:
+    def predict(
+        self, context: Any, model_input: list[str], params: dict[str, Any] | None = None
+    ) -> list[float]:
         """Perplexity of each text (a column ``text`` or a list of strings)."""
         from lwq.eval.perplexity import perplexity_of_text
 
-        texts = list(model_input["text"]) if hasattr(model_input, "columns") else model_input
+        data: Any = model_input  # a list of strings, or a DataFrame with a text column
+        texts = list(data["text"]) if hasattr(data, "columns") else list(data)
         seq = int(getattr(self.model.config, "max_position_embeddings", 2048))
         return [
             perplexity_of_text(self.model, self.tokenizer, t, min(seq, 2048), 8).perplexity

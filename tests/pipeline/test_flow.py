@@ -1,0 +1,124 @@
+"""The compress flow against loopback servers: S3 (moto), MLflow (sqlite), Prefect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from conftest import ZOO
+
+from lwq.config import LwqConfig, make_config
+from lwq.pack.checkpoint import read_manifest
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _config(model: Path, tmp: Path, s3: str, budget: float = 2.7, **pipeline: Any) -> LwqConfig:
+    text = (ZOO / "data" / "validation.txt").read_text(encoding="utf-8")[:20000]
+    (tmp / "eval.txt").write_text(text, encoding="utf-8")
+    return make_config(
+        {
+            "model": str(model),
+            "calib": {
+                "source": str(ZOO / "data" / "calibration.txt"),
+                "n_samples": 4,
+                "seq_len": 32,
+                "batch_size": 4,
+            },
+            "quant": {"method": "lwq"},
+            "method": {"budget": budget, "group_size": 32, "sketch_dim": 16},
+            "pipeline": {
+                "work_dir": str(tmp / "work"),
+                "storage": "s3://lwq-test/ckpts",
+                "s3_endpoint_url": s3,
+                "create_bucket": True,
+                "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+                "registry_name": "tiny-llama-lwq",
+                "eval_data": str(tmp / "eval.txt"),
+                **pipeline,
+            },
+        }
+    )
+
+
+def task_states(flow_run_id: str) -> dict[str, set[str]]:
+    """Task name -> the state names its runs ended in, for one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    out: dict[str, set[str]] = {}
+    for r in runs:
+        base = r.name.rsplit("-", 1)[0]
+        out.setdefault(base, set()).add(str(r.state.name) if r.state else "?")
+    return out
+
+
+def test_flow_stores_registers_and_reruns_from_cache(
+    tiny_llama: Path, tmp_path: Path, s3_endpoint: str
+) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flows.compress import run
+
+    cfg = _config(tiny_llama, tmp_path, s3_endpoint)
+    (first,) = run(cfg)
+    reg = first.registered
+    assert reg.new and reg.version == "1" and set(reg.aliases) == {"candidate", "champion"}
+    assert abs(first.report.bits - 2.7) <= 0.02
+
+    # The bucket holds every file with its SHA-256, and the manifest.
+    manifest = read_manifest(Path(first.checkpoint))
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    prefix = first.uri.removeprefix("s3://lwq-test/")
+    for name, meta in manifest["files"].items():
+        head = s3.head_object(Bucket="lwq-test", Key=f"{prefix}/{name}")
+        assert head["Metadata"]["sha256"] == meta["sha256"]
+    assert s3.head_object(Bucket="lwq-test", Key=f"{prefix}/lwq_manifest.json")
+
+    # MLflow: metrics, params, tags, artifacts, and a loadable registered model.
+    assert cfg.pipeline.tracking_uri is not None
+    mlflow.set_tracking_uri(cfg.pipeline.tracking_uri)
+    client = MlflowClient()
+    run_data = client.get_run(reg.run_id).data
+    assert run_data.metrics["perplexity"] == pytest.approx(first.report.perplexity)
+    assert run_data.metrics["bits"] == pytest.approx(first.report.bits)
+    assert run_data.params["method.budget"] == "2.7"
+    assert run_data.tags["lwq.checkpoint_uri"] == first.uri
+    artifacts = {a.path for a in client.list_artifacts(reg.run_id)}
+    assert {
+        "allocation.csv",
+        "allocation.png",
+        "eval_report.json",
+        "lwq_manifest.json",
+    } <= artifacts
+    nested = client.search_runs(
+        [client.get_run(reg.run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{reg.run_id}'",
+    )
+    assert {r.info.run_name for r in nested} >= {"calibrate", "sensitivity", "quantize"}
+    model = mlflow.pyfunc.load_model("models:/tiny-llama-lwq@candidate")
+    text = (tmp_path / "eval.txt").read_text(encoding="utf-8")
+    assert model.predict([text])[0] == pytest.approx(first.report.perplexity, rel=1e-6)
+
+    # Rerun: every stage from the cache, no second version.
+    (again,) = run(cfg)
+    assert not again.registered.new and again.registered.version == "1"
+    states = task_states(again.flow_run_id)
+    for stage in ("calibrate", "sensitivity", "solve", "quantize-layer", "pack", "evaluate"):
+        assert states[stage] == {"Cached"}, (stage, states)
+    assert len(client.search_model_versions("name='tiny-llama-lwq'")) == 1
+
+    # A new budget: calibration and sensitivity cached, the rest recomputed.
+    (other,) = run(_config(tiny_llama, tmp_path, s3_endpoint, budget=2.9))
+    states = task_states(other.flow_run_id)
+    assert states["calibrate"] == {"Cached"} and states["sensitivity"] == {"Cached"}
+    assert states["solve"] == {"Completed"}
+    assert other.registered.version == "2" and "candidate" in other.registered.aliases
+    assert len(client.search_model_versions("name='tiny-llama-lwq'")) == 2
