@@ -44,6 +44,10 @@ def _config(model: Path, tmp: Path, s3: str, budget: float = 2.7, **pipeline: An
 
 
 def task_states(flow_run_id: str) -> dict[str, set[str]]:
+    return {k: set(v) for k, v in task_state_list(flow_run_id).items()}
+
+
+def task_state_list(flow_run_id: str) -> dict[str, list[str]]:
     """Task name -> the state names its runs ended in, for one flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -52,10 +56,10 @@ def task_states(flow_run_id: str) -> dict[str, set[str]]:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
-    out: dict[str, set[str]] = {}
+    out: dict[str, list[str]] = {}
     for r in runs:
         base = r.name.rsplit("-", 1)[0]
-        out.setdefault(base, set()).add(str(r.state.name) if r.state else "?")
+        out.setdefault(base, []).append(str(r.state.name) if r.state else "?")
     return out
 
 
@@ -122,3 +126,57 @@ def test_flow_stores_registers_and_reruns_from_cache(
     assert states["solve"] == {"Completed"}
     assert other.registered.version == "2" and "candidate" in other.registered.aliases
     assert len(client.search_model_versions("name='tiny-llama-lwq'")) == 2
+
+
+def test_killed_run_resumes_from_its_finished_layers(
+    tiny_llama: Path, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """SIGKILL the flow process mid-quantization; the same command finishes the job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from flows.compress import run
+
+    cfg = _config(tiny_llama, tmp_path, s3_endpoint)
+    # Learned clipping with many steps makes each layer take long enough to be killed.
+    method = cfg.method.model_copy(update={"hi_refine": "lwc", "lwc_steps": 3000})
+    cfg = cfg.model_copy(update={"method": method})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "lwq.cli", "run", "--config", str(tmp_path / "run.yaml"), "-q"]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    layers = tmp_path / "work" / "layers"
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if layers.is_dir() and len(list(layers.glob("*.pt"))) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the flow ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    done_before = len(list(layers.glob("*.pt")))
+    assert 3 <= done_before < 14
+
+    (res,) = run(cfg)
+    states = task_state_list(res.flow_run_id)
+    assert states["calibrate"] == ["Cached"] and states["sensitivity"] == ["Cached"]
+    assert states["quantize-layer"].count("Cached") >= done_before - 1
+    assert states["quantize-layer"].count("Completed") >= 1
+    client = MlflowClient(tracking_uri=cfg.pipeline.tracking_uri)
+    assert len(client.search_model_versions("name='tiny-llama-lwq'")) == 1
+    assert res.registered.new and res.registered.version == "1"
