@@ -180,3 +180,67 @@ def test_killed_run_resumes_from_its_finished_layers(
     client = MlflowClient(tracking_uri=cfg.pipeline.tracking_uri)
     assert len(client.search_model_versions("name='tiny-llama-lwq'")) == 1
     assert res.registered.new and res.registered.version == "1"
+
+
+def test_s3_down_during_upload_fails_clearly_and_registers_nothing(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint stops after the first object: retries, then a clear error."""
+    from conftest import free_port
+    from mlflow.tracking import MlflowClient
+    from moto.server import ThreadedMotoServer
+
+    import tasks.storage as storage
+    from flows.compress import run
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-never-shown")
+    real_put = storage.S3Store.put
+    calls: list[str] = []
+
+    def put_then_stop(self: storage.S3Store, local: Path, key: str, sha: str) -> Any:
+        calls.append(key)
+        if len(calls) == 2:
+            server.stop()
+        return real_put(self, local, key, sha)
+
+    monkeypatch.setattr(storage.S3Store, "put", put_then_stop)
+    cfg = _config(tiny_llama, tmp_path, endpoint)
+    try:
+        with pytest.raises(storage.StorageError, match=rf"127\.0\.0\.1:{port}") as err:
+            run(cfg)
+    finally:
+        server.stop()
+    assert "secret-never-shown" not in str(err.value)
+    client = MlflowClient(tracking_uri=cfg.pipeline.tracking_uri)
+    assert client.search_registered_models() == []
+    # The local checkpoint is complete and verifies.
+    (ckpt,) = (tmp_path / "work" / "checkpoints").iterdir()
+    assert read_manifest(ckpt)["bits"]["from_bytes"] > 0
+
+
+def test_tracking_down_keeps_the_checkpoint_and_the_next_run_registers_it(
+    tiny_llama: Path, tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import free_port
+
+    from flows.compress import run
+    from tasks.tracking import TrackingError
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    down = f"http://127.0.0.1:{free_port()}"
+    cfg = _config(tiny_llama, tmp_path, s3_endpoint, tracking_uri=down)
+    with pytest.raises(TrackingError, match=rf"{down}.*pipeline\.tracking_uri"):
+        run(cfg)
+    (ckpt,) = (tmp_path / "work" / "checkpoints").iterdir()
+    read_manifest(ckpt)  # kept, and intact
+    (res,) = run(_config(tiny_llama, tmp_path, s3_endpoint))
+    states = task_states(res.flow_run_id)
+    for stage in ("calibrate", "sensitivity", "solve", "quantize-layer", "pack", "evaluate"):
+        assert states[stage] == {"Cached"}, (stage, states)
+    assert res.registered.new and res.registered.version == "1"
