@@ -191,10 +191,14 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from lwq.config import with_overrides
 
     config = with_overrides(config, overrides)
-    if config.calib.source is None:
-        zoo_calib = Path(str(config.model)).parent / "data" / "calibration.txt"
-        if zoo_calib.is_file():  # a zoo model: its calibration slice
-            config = with_overrides(config, {"calib.source": str(zoo_calib)})
+    zoo_data = Path(str(config.model)).parent / "data"
+    if config.calib.source is None and (zoo_data / "calibration.txt").is_file():
+        # A zoo model: its calibration slice, and its validation slice for the metrics.
+        config = with_overrides(config, {"calib.source": str(zoo_data / "calibration.txt")})
+        if config.pipeline.eval_data is None and (zoo_data / "validation.txt").is_file():
+            config = with_overrides(
+                config, {"pipeline.eval_data": str(zoo_data / "validation.txt")}
+            )
     budgets = None if args.budgets is None else _parse_budgets(args.budgets)
     try:
         from flows.compress import run
