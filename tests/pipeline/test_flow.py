@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +245,26 @@ def test_tracking_down_keeps_the_checkpoint_and_the_next_run_registers_it(
     for stage in ("calibrate", "sensitivity", "solve", "quantize-layer", "pack", "evaluate"):
         assert states[stage] == {"Cached"}, (stage, states)
     assert res.registered.new and res.registered.version == "1"
+
+
+def test_lwq_run_prints_where_what_and_how_well(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lwq.cli import main
+
+    calib = str(ZOO / "data" / "calibration.txt")
+    text = (ZOO / "data" / "validation.txt").read_text(encoding="utf-8")[:20000]
+    (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
+    args = ["run", "--model", str(tiny_llama), "--calib", calib, "--n-samples", "4"]
+    args += ["--seq-len", "32", "--group-size", "32", "--data", str(tmp_path / "eval.txt")]
+    args += ["--work-dir", str(tmp_path / "work"), "-q"]
+    assert main([*args, "--bits", "2.6,2.8"]) == 0
+    out = capsys.readouterr().out
+    store = tmp_path / "work" / "store" / "tiny-llama"
+    assert out.count(f"checkpoint {store}") == 2
+    assert "registered lwq-tiny-llama version 1 (candidate, champion)" in out
+    assert "registered lwq-tiny-llama version 2" in out
+    assert re.search(r"bits 2\.\d{4} \(from bytes\), perplexity \d+\.\d{3}", out), out
+    # A bad setting fails before anything runs, naming the setting.
+    assert main([*args, "--bits", "2.6", "--storage", "s3://"]) == 2
+    assert "pipeline.storage" in capsys.readouterr().err
