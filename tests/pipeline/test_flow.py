@@ -268,3 +268,90 @@ def test_lwq_run_prints_where_what_and_how_well(
     # A bad setting fails before anything runs, naming the setting.
     assert main([*args, "--bits", "2.6", "--storage", "s3://"]) == 2
     assert "pipeline.storage" in capsys.readouterr().err
+
+
+def test_dask_runner_gives_the_same_checkpoint_bytes(tiny_llama: Path, tmp_path: Path) -> None:
+    """A real `prefect server` and a 2-worker LocalCluster on loopback."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import yaml
+    from conftest import free_port
+
+    from flows.compress import run
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false"
+    )
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "prefect server did not start"
+                assert server.poll() is None, "prefect server exited"
+                time.sleep(1)
+        cfg = _config(tiny_llama, tmp_path, "unused", storage=None, task_runner="dask")
+        cfg = cfg.model_copy(
+            update={
+                "pipeline": cfg.pipeline.model_copy(update={"work_dir": str(tmp_path / "dask")})
+            }
+        )
+        (tmp_path / "dask.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        cmd = [
+            sys.executable,
+            "-m",
+            "lwq.cli",
+            "run",
+            "--config",
+            str(tmp_path / "dask.yaml"),
+            "-q",
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "registered tiny-llama-lwq version 1" in proc.stdout
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+    local_cfg = _config(tiny_llama, tmp_path, "unused", storage=None)
+    local_cfg = local_cfg.model_copy(
+        update={
+            "pipeline": local_cfg.pipeline.model_copy(
+                update={
+                    "work_dir": str(tmp_path / "local"),
+                    "tracking_uri": f"sqlite:///{tmp_path}/l.db",
+                }
+            )
+        }
+    )
+    (res,) = run(local_cfg)
+    (dask_ckpt,) = (tmp_path / "dask" / "checkpoints").iterdir()
+    a = json.loads((dask_ckpt / "lwq_manifest.json").read_text())["files"]
+    b = json.loads((Path(res.checkpoint) / "lwq_manifest.json").read_text())["files"]
+    assert a == b  # every file, byte for byte (SHA-256)
