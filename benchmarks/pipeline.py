@@ -14,7 +14,13 @@ rebudget the flow again with another budget (calibration and sensitivity cached)
 Prints the medians and the ratios flow/bare (target <= 1.15) and
 rebudget/flow (target <= 0.40).
 
-    python benchmarks/pipeline.py [--model llama-6l-128d] [--repeats 2]
+With ``--dask``, instead: starts ``prefect server`` on 127.0.0.1 and times the
+flow's quantize stage with the default local runner and on a Dask LocalCluster
+of 1 and of 2 single-threaded worker processes (fresh work folders, so nothing
+is cached; target: 2 workers at least 1.6x faster than 1, and not slower than
+local). ``--hi-refine lwc`` makes each layer's task heavier.
+
+    python benchmarks/pipeline.py [--model llama-6l-128d] [--repeats 2] [--dask]
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +91,70 @@ def flow(cfg: Any) -> float:
     return time.perf_counter() - t
 
 
+def start_prefect_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(work / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    server = subprocess.Popen(
+        [*cmd, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    for _ in range(180):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                return server, f"http://127.0.0.1:{port}/api"
+        except OSError:
+            time.sleep(1)
+    server.kill()
+    raise RuntimeError("prefect server did not start")
+
+
+def dask_part(args: argparse.Namespace) -> dict[str, Any]:
+    """Quantize-stage seconds: local runner, Dask with 1 and with 2 workers."""
+    server, api = start_prefect_server(args.work)
+    os.environ["PREFECT_API_URL"] = api  # before prefect is imported
+    from flows.compress import run
+
+    times: dict[str, list[float]] = {"local": [], "dask-1": [], "dask-2": []}
+    try:
+        for i in range(args.repeats):
+            for label in times:
+                work = args.work / f"dask-r{i}-{label}"
+                shutil.rmtree(work, ignore_errors=True)
+                cfg = config(args.model, work, 2.5, args)
+                runner = "local" if label == "local" else "dask"
+                pipe = cfg.pipeline.model_copy(
+                    update={"task_runner": runner, "dask_workers": int(label[-1:] or 1)}
+                    if runner == "dask"
+                    else {"task_runner": runner}
+                )
+                method = cfg.method.model_copy(update={"hi_refine": args.hi_refine})
+                cfg = cfg.model_copy(update={"pipeline": pipe, "method": method})
+                (res,) = run(cfg)
+                times[label].append(res.seconds["quantize"])
+                print(f"repeat {i} {label}: quantize {res.seconds['quantize']:.1f} s", flush=True)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print("\n| runner | median quantize s | runs (s) |")
+    print("|---|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |")
+    print(f"\ndask-1 / dask-2 = {med['dask-1'] / med['dask-2']:.2f} (target >= 1.6)")
+    print(f"dask-2 / local = {med['dask-2'] / med['local']:.2f} (target <= 1.0)")
+    return {"times": times, "median": med, "hi_refine": args.hi_refine}
+
+
 def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -92,8 +164,17 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/pipeline"))
-    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "pipeline.json")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--dask", action="store_true", help="time the Dask runner instead")
+    ap.add_argument("--hi-refine", default="none", choices=["none", "lwc"])
     args = ap.parse_args()
+    results = REPO / "benchmarks" / "results"
+    if args.dask:
+        out = dask_part(args)
+        path = args.json or results / f"pipeline_dask_{args.hi_refine}.json"
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        return
+    args.json = args.json or results / "pipeline.json"
     times: dict[str, list[float]] = {"bare": [], "flow": [], "rebudget": []}
     for i in range(args.repeats + 1):  # repeat 0 warms up the ephemeral server
         work = args.work / f"r{i}"
