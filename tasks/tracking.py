@@ -130,7 +130,9 @@ def find_registered(config: LwqConfig, fp: Fingerprint) -> Registered | None:
         raise _wrap(err, config) from err
     for v in versions:
         if v.tags.get("lwq.run_fingerprint") == fp.run:
-            aliases = tuple(getattr(v, "aliases", []) or [])
+            # search results may omit aliases: read the version itself
+            full = client.get_model_version(name, v.version)
+            aliases = tuple(getattr(full, "aliases", []) or [])
             return Registered(name, str(v.version), str(v.run_id), aliases, new=False)
     return None
 
