@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # safetensors header and metadata of one block file (136-152 bytes measured),
 # reserved from the budget so that the bits measured from the files meet it.
 HEADER_ALLOWANCE_BYTES = 160
+# Below this many calibration sequences the profile's rank correlation with the
+# measured KL degrades visibly (benchmarks/method.py runs 128).
+MIN_PROFILE_SEQUENCES = 32
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,16 @@ def prepare(
     m = config.method
     lo, hi = grids(config)
     seconds: dict[str, float] = {}
+    n_layers = len(adapter.layer_names(model))
+    if calib.n_samples < MIN_PROFILE_SEQUENCES:
+        log.warning(
+            "calibration too small: the output-Fisher estimate of the sensitivity profile "
+            "had %d sequences (%d tokens) for %d layers; use at least %d (calib.n_samples)",
+            calib.n_samples,
+            calib.n_samples * calib.seq_len,
+            n_layers,
+            MIN_PROFILE_SEQUENCES,
+        )
     t = time.perf_counter()
     hessians: dict[str, torch.Tensor] = {}
     source = InMemoryCausalLM(model, adapter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,13 @@ def _cfg(model: Path, out: Path, budget: float, **method: Any) -> Any:
 
 
 @pytest.mark.parametrize("objective", ["full", "fixed"])
-def test_budget_is_met_from_bytes_and_report_is_complete(objective: str, tmp_path: Path) -> None:
+def test_budget_is_met_from_bytes_and_report_is_complete(
+    objective: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
-    report = quantize(_cfg(model_dir, tmp_path / "q", 2.7, objective=objective), progress=False)
+    with caplog.at_level(logging.WARNING):
+        report = quantize(_cfg(model_dir, tmp_path / "q", 2.7, objective=objective), progress=False)
+    assert "had 4 sequences (128 tokens) for 14 layers" in caplog.text
     m = report.manifest
     assert abs(m["bits"]["from_bytes"] - 2.7) <= 0.02
     alloc = m["allocation"]
