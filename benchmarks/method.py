@@ -319,7 +319,7 @@ def part_table(s: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     table = []
     for budget in args.budgets:
         rows = [lwq_row(s, budget, obj, args) for obj in ("full", "diagonal", "fixed")]
-        if not args.no_lwc:
+        if args.lwc_models is None or s.name in args.lwc_models:
             rows.append(lwq_row(s, budget, "full", args, label="lwq (QP) + LWC", hi_refine="lwc"))
         rows.append(lwq_row(s, budget, "fixed", args, fp16, "fixed ratio FP16/2", hi_bits=16))
         rows += [copy.copy(r) for r in nearest(dense_sparse + fixed_ones, budget)]
@@ -361,6 +361,18 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def save(
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    prep: dict[str, Any],
+    corr: list[dict[str, Any]],
+    table: list[dict[str, Any]],
+) -> None:
+    result.update(prepare=prep, corr=corr, table=table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["llama-6l-128d", "gpt2-6l-128d"])
@@ -370,13 +382,17 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor rows)")
-    ap.add_argument("--no-lwc", action="store_true", help="skip the learned-clipping rows")
+    ap.add_argument(
+        "--lwc-models", nargs="*", default=None, help="models with learned-clipping rows (all)"
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/method"))
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "method.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-    corr, table, prep = [], [], {}
+    corr: list[dict[str, Any]] = []
+    table: list[dict[str, Any]] = []
+    prep: dict[str, Any] = {}
     for model in args.models:
         s = Setup(model, args)
         prep[model] = {"seconds": s.prepare_seconds, **s.state.seconds}
@@ -385,15 +401,14 @@ def main() -> None:
             for level in (None, 0.1):
                 corr.append(part_corr(s, args, level))
                 print_corr(corr[-1:])
+            save(args, result, prep, corr, table)
         if "table" in args.parts:
             table.extend(part_table(s, args))
-    result.update(prepare=prep, corr=corr, table=table)
+            save(args, result, prep, corr, table)  # after each model: nothing is lost
     if corr:
         print_corr(corr)
     if table:
         print_table(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """HQQ (half-quadratic quantization, calibration-free) on a zoo model (peer environment only).
 
-HQQ 0.2.8 through its own API on the CPU (``AutoHQQHFModel.quantize_model``;
-the transformers ``HqqConfig`` route is not implemented in this version), with
+HQQ 0.2.8 through its own layer API on the CPU (``HQQLinear`` on every linear
+of the decoder blocks; ``AutoHQQHFModel`` knows only some architectures and the
+transformers ``HqqConfig`` route is not implemented in this version), with
 float32 compute. Bits per weight are counted as HQQ stores a layer with float16
 metadata: nbits per weight plus a 16-bit scale and a 16-bit zero per group
 (HQQ's optimised zero is fractional, so it cannot be packed into nbits).
@@ -27,7 +28,6 @@ from common import conv1d_to_linear, evaluate
 
 def main() -> None:
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-    from hqq.models.hf.base import AutoHQQHFModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ap = argparse.ArgumentParser()
@@ -41,28 +41,25 @@ def main() -> None:
     fp = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     converted = conv1d_to_linear(fp)
     model = copy.deepcopy(fp)
-    # The LM head stays in float, as in lwq.
     cfg = BaseQuantizeConfig(nbits=args.bits, group_size=args.group_size, axis=1)
     t = time.perf_counter()
-    AutoHQQHFModel.quantize_model(
-        model, quant_config=cfg, compute_dtype=torch.float32, device="cpu"
-    )
-    seconds = time.perf_counter() - t
     n = groups = 0
+    # HQQ's own layer quantizer on every linear of the decoder blocks (its
+    # AutoHQQHFModel knows only some architectures); the LM head stays float.
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, HQQLinear):
-            d_out, d_in = mod.meta["shape"]
-            n += d_out * d_in
-            groups += d_out * d_in // args.group_size
-            # Evaluate with the dequantised weight in a plain Linear: the same
-            # numbers as HQQLinear's forward, without dequantising every call.
-            lin = torch.nn.Linear(d_in, d_out, bias=mod.bias is not None)
-            with torch.no_grad():
-                lin.weight.copy_(mod.dequantize().reshape(d_out, d_in).float())
-                if mod.bias is not None:
-                    lin.bias.copy_(mod.bias)
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, lin)
+        if not isinstance(mod, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        d_out, d_in = mod.weight.shape
+        hq = HQQLinear(
+            copy.deepcopy(mod), quant_config=cfg, compute_dtype=torch.float32, device="cpu"
+        )
+        # Evaluate with the dequantised weight in the plain Linear: the same
+        # numbers as HQQLinear's forward, without dequantising every call.
+        with torch.no_grad():
+            mod.weight.copy_(hq.dequantize().reshape(d_out, d_in).float())
+        n += d_out * d_in
+        groups += d_out * d_in // args.group_size
+    seconds = time.perf_counter() - t
     if n == 0:
         raise SystemExit("HQQ quantized no layer")
     bits = (n * args.bits + groups * 32) / n
