@@ -48,20 +48,35 @@ def task_states(flow_run_id: str) -> dict[str, set[str]]:
     return {k: set(v) for k, v in task_state_list(flow_run_id).items()}
 
 
+STAGES = ("calibrate", "sensitivity", "solve", "quantize-layer", "pack", "evaluate")
+
+
 def task_state_list(flow_run_id: str) -> dict[str, list[str]]:
-    """Task name -> the state names its runs ended in, for one flow run."""
+    """Task name -> the final state names of its runs, for one flow run.
+
+    Task runs reach the API through events, a moment after the flow returns:
+    read until every stage has a run and every run a final state.
+    """
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    out: dict[str, list[str]] = {}
-    for r in runs:
-        base = r.name.rsplit("-", 1)[0]
-        out.setdefault(base, []).append(str(r.state.name) if r.state else "?")
-    return out
+    final = {"Completed", "Cached", "Failed", "Crashed"}
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        out: dict[str, list[str]] = {}
+        for r in runs:
+            base = r.name.rsplit("-", 1)[0]
+            out.setdefault(base, []).append(str(r.state.name) if r.state else "?")
+        settled = all(s in final for states in out.values() for s in states)
+        if (settled and all(stage in out for stage in STAGES)) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
 
 
 def test_flow_stores_registers_and_reruns_from_cache(
