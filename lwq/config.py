@@ -159,6 +159,14 @@ class PipelineConfig(_Strict):
     )
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes (dask runner)")
 
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        # Checked here, before anything runs, not at upload time after the work.
+        if v is not None and v.startswith("s3://") and not v[len("s3://") :].split("/")[0]:
+            raise ValueError("give s3://BUCKET[/PREFIX] or a local folder")
+        return v
+
 
 class LwqConfig(_Strict):
     model: str | None = Field(None, description="local Hugging Face model directory")
