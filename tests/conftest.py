@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,7 +47,7 @@ def _seed_torch() -> None:
     torch.manual_seed(1234)
 
 
-# Servers on loopback for the pipeline tests: moto's S3, Prefect's test harness.
+# Servers on loopback for the pipeline tests: moto's S3, MLflow, Prefect's test harness.
 
 
 def free_port() -> int:
@@ -71,6 +76,75 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class MlflowServer:
+    """An `mlflow server` process on 127.0.0.1: sqlite backend store, proxied artifacts.
+
+    The artifacts go to ``artifacts`` (a local folder or an ``s3://`` bucket of
+    ``s3_endpoint``), served through the tracking server as a team's server does,
+    so clients need no store credentials. ``stop`` and ``start`` again keep the
+    port and the stores: the same server, restarted.
+    """
+
+    def __init__(self, root: Path, artifacts: str, s3_endpoint: str | None = None) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.artifacts, self.s3_endpoint = root, artifacts, s3_endpoint
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180) -> None:
+        env = dict(os.environ)
+        if self.s3_endpoint:
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
+        cmd = [sys.executable, "-m", "mlflow", "server"]
+        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
+        cmd += ["--artifacts-destination", self.artifacts]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        log = (self.root / "server.log").open("ab")
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=log, start_new_session=True, cwd=self.root
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.root / "server.log").read_text(errors="replace")[-2000:]
+                    self.stop()
+                    pytest.fail(f"mlflow server did not start on {self.uri}:\n{tail}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[str]:
+    """A tracking server whose artifacts live in a bucket of the loopback S3 endpoint."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="mlflow-artifacts")
+    server = MlflowServer(
+        tmp_path_factory.mktemp("mlflow"), "s3://mlflow-artifacts/runs", s3_endpoint
+    )
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

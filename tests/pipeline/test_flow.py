@@ -1,4 +1,4 @@
-"""The compress flow against loopback servers: S3 (moto), MLflow (sqlite), Prefect."""
+"""The compress flow against loopback servers: S3 (moto), `mlflow server`, Prefect."""
 
 from __future__ import annotations
 
@@ -80,14 +80,14 @@ def task_state_list(flow_run_id: str) -> dict[str, list[str]]:
 
 
 def test_flow_stores_registers_and_reruns_from_cache(
-    tiny_llama: Path, tmp_path: Path, s3_endpoint: str
+    tiny_llama: Path, tmp_path: Path, s3_endpoint: str, mlflow_server: str
 ) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from flows.compress import run
 
-    cfg = _config(tiny_llama, tmp_path, s3_endpoint)
+    cfg = _config(tiny_llama, tmp_path, s3_endpoint, tracking_uri=mlflow_server)
     (first,) = run(cfg)
     reg = first.registered
     assert reg.new and reg.version == "1" and set(reg.aliases) == {"candidate", "champion"}
@@ -118,6 +118,14 @@ def test_flow_stores_registers_and_reruns_from_cache(
         "eval_report.json",
         "lwq_manifest.json",
     } <= artifacts
+    # The server keeps its artifacts in its own bucket of the same endpoint.
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow-artifacts")
+        for o in page.get("Contents", [])
+    ]
+    assert any(k.endswith(f"{reg.run_id}/artifacts/allocation.csv") for k in keys), keys[:20]
+    assert any(k.endswith("pointer.json") for k in keys), keys[:20]
     nested = client.search_runs(
         [client.get_run(reg.run_id).info.experiment_id],
         f"tags.mlflow.parentRunId = '{reg.run_id}'",
@@ -136,7 +144,9 @@ def test_flow_stores_registers_and_reruns_from_cache(
     assert len(client.search_model_versions("name='tiny-llama-lwq'")) == 1
 
     # A new budget: calibration and sensitivity cached, the rest recomputed.
-    (other,) = run(_config(tiny_llama, tmp_path, s3_endpoint, budget=2.9))
+    (other,) = run(
+        _config(tiny_llama, tmp_path, s3_endpoint, budget=2.9, tracking_uri=mlflow_server)
+    )
     states = task_states(other.flow_run_id)
     assert states["calibrate"] == {"Cached"} and states["sensitivity"] == {"Cached"}
     assert states["solve"] == {"Completed"}
@@ -239,27 +249,48 @@ def test_s3_down_during_upload_fails_clearly_and_registers_nothing(
     assert read_manifest(ckpt)["bits"]["from_bytes"] > 0
 
 
-def test_tracking_down_keeps_the_checkpoint_and_the_next_run_registers_it(
-    tiny_llama: Path, tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+def test_tracking_server_stopped_keeps_the_checkpoint_and_the_next_run_registers_it(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from conftest import free_port
+    """A real `mlflow server` stops mid-run; restarted, the same command registers."""
+    from conftest import MlflowServer
+    from mlflow.tracking import MlflowClient
 
+    import tasks.storage as storage
     from flows.compress import run
     from tasks.tracking import TrackingError
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    down = f"http://127.0.0.1:{free_port()}"
-    cfg = _config(tiny_llama, tmp_path, s3_endpoint, tracking_uri=down)
-    with pytest.raises(TrackingError, match=rf"{down}.*pipeline\.tracking_uri"):
-        run(cfg)
-    (ckpt,) = (tmp_path / "work" / "checkpoints").iterdir()
-    read_manifest(ckpt)  # kept, and intact
-    (res,) = run(_config(tiny_llama, tmp_path, s3_endpoint))
-    states = task_states(res.flow_run_id)
-    for stage in ("calibrate", "sensitivity", "solve", "quantize-layer", "pack", "evaluate"):
-        assert states[stage] == {"Cached"}, (stage, states)
-    assert res.registered.new and res.registered.version == "1"
+    server = MlflowServer(tmp_path / "mlflow", str(tmp_path / "mlflow" / "artifacts"))
+    server.start()
+    try:
+        real_put = storage.LocalStore.put
+
+        def stop_then_put(self: storage.LocalStore, local: Path, key: str, sha: str) -> Any:
+            server.stop()  # during the upload, after every stage has computed
+            return real_put(self, local, key, sha)
+
+        cfg = _config(tiny_llama, tmp_path, "unused", storage=None, tracking_uri=server.uri)
+        with monkeypatch.context() as m:
+            m.setattr(storage.LocalStore, "put", stop_then_put)
+            with pytest.raises(TrackingError, match=rf"{server.uri}.*pipeline\.tracking_uri"):
+                run(cfg)
+        (ckpt,) = (tmp_path / "work" / "checkpoints").iterdir()
+        read_manifest(ckpt)  # kept, and intact
+        server.start()  # the same port and stores
+        (res,) = run(cfg)
+        states = task_states(res.flow_run_id)
+        for stage in STAGES:
+            assert states[stage] == {"Cached"}, (stage, states)
+        assert res.registered.new and res.registered.version == "1"
+        client = MlflowClient(tracking_uri=server.uri)
+        assert len(client.search_model_versions("name='tiny-llama-lwq'")) == 1
+        assert client.get_run(res.registered.run_id).data.metrics["perplexity"] == pytest.approx(
+            res.report.perplexity
+        )
+    finally:
+        server.stop()
 
 
 def test_lwq_run_prints_where_what_and_how_well(
