@@ -18,9 +18,17 @@ With ``--dask``, instead: starts ``prefect server`` on 127.0.0.1 and times the
 flow's quantize stage with the default local runner and on a Dask LocalCluster
 of 1 and of 2 single-threaded worker processes (fresh work folders, so nothing
 is cached; target: 2 workers at least 1.6x faster than 1, and not slower than
-local). ``--hi-refine lwc`` makes each layer's task heavier.
+local). The zoo model's layers are 128 wide: a layer's task computes for tens
+of milliseconds, less than a task's own cost. ``--synthetic 1024`` times the
+runners on a randomly initialised LLaMA of hidden size 1024 instead (2 blocks,
+MLP 2816, 16 heads with 4 KV heads, the zoo tokenizer), whose layers cost what a
+small real model's do; ``--hi-refine lwc`` makes each layer's task heavier. The
+quantize stage is timed from the first layer task submitted to the last result
+(the cluster and its workers start with the flow, before it); the whole flow's
+seconds are reported too.
 
     python benchmarks/pipeline.py [--model llama-6l-128d] [--repeats 2] [--dask]
+    python benchmarks/pipeline.py --dask --synthetic 1024 --n-samples 32 --seq-len 256
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ def config(model: str, work: Path, budget: float, args: argparse.Namespace) -> A
 
     return make_config(
         {
-            "model": str(ZOO / model),
+            "model": str(ZOO / model) if not Path(model).is_absolute() else model,
             "out": str(work / "bare"),
             "overwrite": True,
             "calib": {
@@ -118,19 +126,47 @@ def start_prefect_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("prefect server did not start")
 
 
+def synthetic_model(path: Path, hidden: int) -> str:
+    """A random LLaMA of the given width (2 blocks), float32, with the zoo tokenizer."""
+    if (path / "config.json").is_file():
+        return str(path)
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(ZOO / "llama-6l-128d")
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=2,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def dask_part(args: argparse.Namespace) -> dict[str, Any]:
     """Quantize-stage seconds: local runner, Dask with 1 and with 2 workers."""
     server, api = start_prefect_server(args.work)
     os.environ["PREFECT_API_URL"] = api  # before prefect is imported
     from flows.compress import run
 
+    model = args.model
+    if args.synthetic:
+        model = synthetic_model(args.work / f"llama-2l-{args.synthetic}d", args.synthetic)
     times: dict[str, list[float]] = {"local": [], "dask-1": [], "dask-2": []}
+    flow_times: dict[str, list[float]] = {k: [] for k in times}
     try:
         for i in range(args.repeats):
             for label in times:
                 work = args.work / f"dask-r{i}-{label}"
                 shutil.rmtree(work, ignore_errors=True)
-                cfg = config(args.model, work, 2.5, args)
+                cfg = config(model, work, 2.5, args)
                 runner = "local" if label == "local" else "dask"
                 pipe = cfg.pipeline.model_copy(
                     update={"task_runner": runner, "dask_workers": int(label[-1:] or 1)}
@@ -139,20 +175,36 @@ def dask_part(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 method = cfg.method.model_copy(update={"hi_refine": args.hi_refine})
                 cfg = cfg.model_copy(update={"pipeline": pipe, "method": method})
+                t = time.perf_counter()
                 (res,) = run(cfg)
+                flow_times[label].append(time.perf_counter() - t)
                 times[label].append(res.seconds["quantize"])
-                print(f"repeat {i} {label}: quantize {res.seconds['quantize']:.1f} s", flush=True)
+                print(
+                    f"repeat {i} {label}: quantize {res.seconds['quantize']:.1f} s, "
+                    f"flow {flow_times[label][-1]:.1f} s",
+                    flush=True,
+                )
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print("\n| runner | median quantize s | runs (s) |")
-    print("|---|---|---|")
+    flow_med = {k: statistics.median(v) for k, v in flow_times.items()}
+    print(f"\nmodel {model}, hi_refine {args.hi_refine}, {args.repeats} repeats")
+    print("| runner | median quantize s | runs (s) | median flow s |")
+    print("|---|---|---|---|")
     for k, v in times.items():
-        print(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |")
+        runs = ", ".join(f"{x:.1f}" for x in v)
+        print(f"| {k} | {med[k]:.1f} | {runs} | {flow_med[k]:.1f} |")
     print(f"\ndask-1 / dask-2 = {med['dask-1'] / med['dask-2']:.2f} (target >= 1.6)")
     print(f"dask-2 / local = {med['dask-2'] / med['local']:.2f} (target <= 1.0)")
-    return {"times": times, "median": med, "hi_refine": args.hi_refine}
+    return {
+        "model": model,
+        "times": times,
+        "median": med,
+        "flow_times": flow_times,
+        "flow_median": flow_med,
+        "hi_refine": args.hi_refine,
+    }
 
 
 def main() -> None:
@@ -167,11 +219,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--dask", action="store_true", help="time the Dask runner instead")
     ap.add_argument("--hi-refine", default="none", choices=["none", "lwc"])
+    ap.add_argument(
+        "--synthetic", type=int, default=0, help="with --dask: a random LLaMA of this width"
+    )
     args = ap.parse_args()
     results = REPO / "benchmarks" / "results"
     if args.dask:
         out = dask_part(args)
-        path = args.json or results / f"pipeline_dask_{args.hi_refine}.json"
+        tag = f"_{args.synthetic}d" if args.synthetic else ""
+        path = args.json or results / f"pipeline_dask_{args.hi_refine}{tag}.json"
         path.write_text(json.dumps(out, indent=1) + "\n")
         return
     args.json = args.json or results / "pipeline.json"

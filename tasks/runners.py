@@ -35,6 +35,8 @@ def task_runner_for(pipeline: PipelineConfig) -> Any:
             "threads_per_worker": 1,
             "processes": True,
             "host": "127.0.0.1",
+            # Imports paid when a worker starts, not inside the first task it runs.
+            "preload": ["tasks.worker"],
             # One torch thread per worker process: the workers are the parallelism.
             "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         }

@@ -14,6 +14,7 @@ Retries are declared only on the I/O tasks (upload, register).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -112,6 +113,26 @@ class EvalReport:
     version: int = 1
 
 
+@functools.lru_cache(maxsize=4)
+def _state(state_dir: str, stamp: tuple[int, int]) -> Any:
+    from lwq.method.driver import load_state
+
+    return load_state(Path(state_dir))
+
+
+def method_state(state_dir: str) -> Any:
+    """The method state of ``state_dir``, read once per process and kept.
+
+    A state folder is named by the content hash of its inputs and written once,
+    so a layer task (thousands per model, many per worker) need not unpickle it
+    again; the file's size and time stamp guard against a folder rewritten.
+    """
+    from lwq.method.driver import STATE_FILE
+
+    st = (Path(state_dir) / STATE_FILE).stat()
+    return _state(state_dir, (st.st_mtime_ns, st.st_size))
+
+
 def _timed(start: float) -> float:
     return round(time.perf_counter() - start, 3)
 
@@ -169,9 +190,9 @@ def solve(
     state_dir: str, config: LwqConfig, state_key: str, budget: float, method: dict[str, Any]
 ) -> Allocation:
     """The QP allocation for one budget."""
-    from lwq.method.driver import allocate, load_state
+    from lwq.method.driver import allocate
 
-    return allocate(load_state(Path(state_dir)), config, budget)
+    return allocate(method_state(state_dir), config, budget)
 
 
 @task(name="quantize-layer", cache_policy=CACHED, persist_result=True)
@@ -189,12 +210,12 @@ def quantize_layer(
 ) -> LayerResult:
     """One layer at its ratio, packed to a file."""
     from lwq.loading import read_layer_weights
-    from lwq.method.driver import gptq_settings, load_hessian, load_state, lwc_settings
+    from lwq.method.driver import gptq_settings, load_hessian, lwc_settings
     from lwq.method.driver import quantize_layer as quantize_one
     from lwq.pack.layer import pack_layer
 
     t = time.perf_counter()
-    state = load_state(Path(state_dir))
+    state = method_state(state_dir)
     W = read_layer_weights(Path(model_dir), [name])[name]
     H = load_hessian(Path(state_dir), state, name)
     qw, err = quantize_one(W, H, state, name, ratio, gptq_settings(config), lwc_settings(config))
@@ -220,10 +241,10 @@ def pack(
 ) -> tuple[str, str]:
     """The packed checkpoint from the quantized layers -> (folder, manifest SHA-256)."""
     from lwq.hashing import file_sha256
-    from lwq.method.driver import load_state, write_packed_checkpoint
+    from lwq.method.driver import write_packed_checkpoint
     from lwq.pack.checkpoint import MANIFEST
 
-    state = load_state(Path(state_dir))
+    state = method_state(state_dir)
     calib = torch.load(calib_path, weights_only=False)
     packed = [torch.load(r.path, weights_only=False) for r in layer_files]
     errors = {r.name: r.output_error for r in layer_files}
