@@ -187,6 +187,8 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "pipeline.registry_name": args.registry_name,
         "pipeline.eval_data": None if args.data is None else str(args.data),
         "pipeline.task_runner": args.task_runner,
+        "pipeline.dask_address": args.dask_address,
+        "pipeline.dask_workers": args.dask_workers,
     }
     from lwq.config import with_overrides
 
@@ -455,7 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--storage", help="pipeline.storage: a folder or s3://BUCKET/PREFIX")
     rn.add_argument("--registry-name", help="pipeline.registry_name (default lwq-<model>)")
     rn.add_argument(
-        "--task-runner", choices=["local", "dask"], help="pipeline.task_runner (default local)"
+        "--task-runner",
+        choices=["local", "dask"],
+        help="pipeline.task_runner (default local). dask needs a Prefect server "
+        "(PREFECT_API_URL) and quantizes layers on a Dask cluster",
+    )
+    rn.add_argument(
+        "--dask-address",
+        help="pipeline.dask_address: an existing Dask scheduler (its workers started with "
+        "--preload tasks.worker, sharing WORK_DIR); default a local cluster",
+    )
+    rn.add_argument(
+        "--dask-workers",
+        type=int,
+        help="pipeline.dask_workers: single-threaded worker processes of the local cluster "
+        "(default 2)",
     )
     _add_quantize_args(rn)
     rn.set_defaults(func=_cmd_run)
