@@ -2,17 +2,19 @@
 
 Parts (``--parts``, default all):
 
-corr   On each model, two families of >= 20 random feasible allocations
+corr   On each model, three families of >= 20 random feasible allocations
        (ratios in [0, r_max]): one with the mean ratio spread over the range,
-       one with every allocation at a mean ratio of about 0.1 (one budget).
-       Every layer is quantized at its ratio from the full-precision Hessians
-       (as the probes are); the measured KL divergence and cross-entropy
-       increase on held-out text (the validation slice, never seen by
-       calibration) are compared with the QP's prediction, full and diagonal:
+       and two with every allocation at a mean ratio of about 0.1 and 0.02
+       (one budget each). Every layer is quantized at its ratio from the
+       full-precision Hessians (as the probes are); the measured KL divergence
+       and cross-entropy increase on held-out text (the validation slice, never
+       seen by calibration) are compared with the QP's prediction: full and
+       diagonal on the fitted curves, and full on the chord (linear model):
        Spearman rank correlations and the predicted/measured ratio.
 table  At each budget (average bits per quantized weight, measured from the
-       bytes written): lwq (full QP), lwq + learned clipping (LWC), diagonal
-       only, one fixed ratio (4/2 bits), one fixed ratio with float16
+       bytes written): lwq (full QP), lwq on the chord instead of the fitted
+       curves, lwq + learned clipping (LWC), diagonal only, one fixed ratio
+       (4/2 bits), one fixed ratio with float16
        high-impact weights, and the nearest configurations below and above of:
        float16 0.45 % dense-and-sparse with a 2- or 3-bit rest, uniform GPTQ,
        and with --peer-python HQQ and llm-compressor's GPTQ. Perplexity on the
@@ -51,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))  # for `commo
 from common import heldout_windows  # noqa: E402
 
 UNIFORM = [(2, 128), (2, 64), (2, 32), (3, 128)]
+# Predictions compared in the corr part: the full QP objective and the diagonal
+# one on the fitted curves, and the full one on the chord (the linear model).
+OBJECTIVES = ("full", "diagonal", "chord")
 HQQ = [(2, 128), (2, 64), (2, 32), (3, 128)]  # 2.25, 2.5, 3.0, 3.25 bits
 
 
@@ -139,6 +144,7 @@ def part_corr(s: Setup, args: argparse.Namespace, level: float | None) -> dict[s
     from lwq.eval.divergence import output_divergence
 
     profile = s.state.profile
+    chord = dataclasses.replace(profile, gamma=None)
     rows = []
     n = len(s.state.names)
     for ratios in random_allocations(n, args.n_allocs, profile.r_max, 0, level):
@@ -150,13 +156,14 @@ def part_corr(s: Setup, args: argparse.Namespace, level: float | None) -> dict[s
                 "bits": bits / sum(c.n for c in s.state.costs),
                 "pred_full": profile.predicted_loss(ratios.tolist(), "full"),
                 "pred_diagonal": profile.predicted_loss(ratios.tolist(), "diagonal"),
+                "pred_chord": chord.predicted_loss(ratios.tolist(), "full"),
                 "kl": div.kl,
                 "ce_increase": div.ce_increase,
             }
         )
     family = "spread levels" if level is None else f"mean ratio {level:g}"
     res: dict[str, Any] = {"model": s.name, "family": family, "n": len(rows), "rows": rows}
-    for obj in ("full", "diagonal"):
+    for obj in OBJECTIVES:
         pred = [r[f"pred_{obj}"] for r in rows]
         res[f"spearman_kl_{obj}"] = float(spearmanr(pred, [r["kl"] for r in rows]).statistic)
         res[f"spearman_ce_{obj}"] = float(
@@ -297,10 +304,15 @@ def nearest(rows: list[dict[str, Any]], budget: float) -> list[dict[str, Any]]:
     return out
 
 
+def chord_state(s: Setup) -> Any:
+    """The method's state with the linear (chord) model of each layer: the same probes."""
+    return dataclasses.replace(s.state, profile=dataclasses.replace(s.state.profile, gamma=None))
+
+
 def part_table(s: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
-    fixed_ones = uniform_rows(s, args) + peer_rows(s, args)
+    fixed_ones = [] if args.skip_baselines else uniform_rows(s, args) + peer_rows(s, args)
     dense_sparse = []
-    for lo_bits in (2, 3):
+    for lo_bits in () if args.skip_baselines else (2, 3):
         label = f"FP16 0.45% + W{lo_bits}"
         dense_sparse.append(
             lwq_row(
@@ -319,6 +331,8 @@ def part_table(s: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     table = []
     for budget in args.budgets:
         rows = [lwq_row(s, budget, obj, args) for obj in ("full", "diagonal", "fixed")]
+        if s.state.profile.gamma is not None:
+            rows.insert(1, lwq_row(s, budget, "full", args, chord_state(s), "lwq (QP) chord"))
         if args.lwc_models is None or s.name in args.lwc_models:
             rows.append(lwq_row(s, budget, "full", args, label="lwq (QP) + LWC", hi_refine="lwc"))
         rows.append(lwq_row(s, budget, "fixed", args, fp16, "fixed ratio FP16/2", hi_bits=16))
@@ -339,7 +353,9 @@ def print_corr(results: list[dict[str, Any]]) -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        for obj in ("full", "diagonal"):
+        for obj in OBJECTIVES:
+            if f"spearman_kl_{obj}" not in r:
+                continue
             print(
                 f"| {r['model']} | {r['family']} | {r['n']} | {obj} "
                 f"| {r[f'spearman_kl_{obj}']:.3f} "
@@ -385,6 +401,11 @@ def main() -> None:
     ap.add_argument(
         "--lwc-models", nargs="*", default=None, help="models with learned-clipping rows (all)"
     )
+    ap.add_argument(
+        "--skip-baselines",
+        action="store_true",
+        help="table: only lwq's own allocation rows (no uniform, peer or dense-and-sparse rows)",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/method"))
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "method.json")
     args = ap.parse_args()
@@ -398,7 +419,7 @@ def main() -> None:
         prep[model] = {"seconds": s.prepare_seconds, **s.state.seconds}
         print(f"{model}: prepare {s.prepare_seconds:.0f} s {s.state.seconds}", flush=True)
         if "corr" in args.parts:
-            for level in (None, 0.1):
+            for level in (None, 0.1, 0.02):
                 corr.append(part_corr(s, args, level))
                 print_corr(corr[-1:])
             save(args, result, prep, corr, table)

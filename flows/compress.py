@@ -85,7 +85,7 @@ def _compress_budget(
     method = config.method.model_dump(mode="json", exclude={"budget"})
     gptq = config.gptq.model_dump(mode="json")
     t = time.perf_counter()
-    alloc = solve(prep.state_dir, config, prep.state_key, budget, method)
+    alloc, order = solve(prep.state_dir, config, prep.state_key, budget, method)
     solve_s = time.perf_counter() - t
     t = time.perf_counter()
     layers = quantize_layer.map(
@@ -95,8 +95,8 @@ def _compress_budget(
         unmapped(config),
         unmapped(fp.model_sha),
         unmapped(prep.state_key),
-        list(alloc.names),
-        list(alloc.ratios),
+        [alloc.names[i] for i in order],
+        [alloc.ratios[i] for i in order],
         unmapped(gptq),
         unmapped(method),
     ).result()

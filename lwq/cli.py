@@ -113,6 +113,7 @@ def _config_from_args(args: argparse.Namespace, method: str | None = None) -> An
             "quant.method": method if method != base.quant.method else None,
             bits_key: bits,
             "method.objective": args.objective,
+            "method.curve": args.curve,
             "method.hi_bits": args.hi_bits,
             "method.lo_bits": args.lo_bits,
             "method.scoring": args.scoring,
@@ -280,6 +281,12 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
         "--objective",
         choices=["full", "diagonal", "fixed"],
         help="lwq: method.objective (default full: with cross-layer terms)",
+    )
+    p.add_argument(
+        "--curve",
+        choices=["power", "chord"],
+        help="lwq: method.curve, each layer's output change against its ratio (default "
+        "power: fitted from a third probe at method.r_mid; chord: linear)",
     )
     p.add_argument(
         "--group-size",

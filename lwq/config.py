@@ -83,6 +83,13 @@ class MethodConfig(_Strict):
         "or fisher (squared gradients, one backward pass per calibration sequence)",
     )
     r_max: float = Field(0.3, gt=0, le=1, description="largest ratio; the probe's chord end")
+    curve: Literal["power", "chord"] = Field(
+        "power",
+        description="output change against ratio per layer: power (a third probe at r_mid "
+        "fits r_max (r/r_max)^gamma; the gain of the first weights protected) or chord "
+        "(linear between the probes at 0 and r_max)",
+    )
+    r_mid: float = Field(0.03, gt=0, description="ratio of the third probe (curve=power)")
     objective: Literal["full", "diagonal", "fixed"] = Field(
         "full",
         description="full (cross-layer QP), diagonal (no cross terms), fixed (one ratio)",
@@ -117,6 +124,8 @@ class MethodConfig(_Strict):
         return v
 
     def model_post_init(self, _context: Any) -> None:
+        if self.curve == "power" and not self.r_mid < self.r_max:
+            raise ValueError(f"method.r_mid={self.r_mid} must be below method.r_max={self.r_max}")
         if self.hi_bits <= self.lo_bits:
             raise ValueError(
                 f"method.hi_bits={self.hi_bits} must exceed method.lo_bits={self.lo_bits}"

@@ -188,11 +188,13 @@ def sensitivity(
 @task(name="solve", cache_policy=CACHED, persist_result=True)
 def solve(
     state_dir: str, config: LwqConfig, state_key: str, budget: float, method: dict[str, Any]
-) -> Allocation:
-    """The QP allocation for one budget."""
-    from lwq.method.driver import allocate
+) -> tuple[Allocation, list[int]]:
+    """The QP allocation for one budget, and the order to quantize its layers in
+    (largest first: mapped over workers, they finish together)."""
+    from lwq.method.driver import allocate, largest_first
 
-    return allocate(method_state(state_dir), config, budget)
+    state = method_state(state_dir)
+    return allocate(state, config, budget), largest_first(state)
 
 
 @task(name="quantize-layer", cache_policy=CACHED, persist_result=True)

@@ -35,6 +35,11 @@ def test_bad_values_name_the_setting() -> None:
         make_config({"quant": {"group_size": 0}})
     with pytest.raises(ConfigError, match=r"calib\.mode"):
         make_config({"calib": {"mode": "both"}})
+    with pytest.raises(ConfigError, match=r"method\.hi_bits=2 must exceed method\.lo_bits=2"):
+        make_config({"method": {"hi_bits": 2}})
+    with pytest.raises(ConfigError, match=r"method\.r_mid=0\.3 must be below method\.r_max"):
+        make_config({"method": {"r_mid": 0.3, "r_max": 0.2}})
+    assert make_config({"method": {"r_mid": 0.3, "r_max": 0.2, "curve": "chord"}})
 
 
 def test_overrides_and_required() -> None:

@@ -154,7 +154,13 @@ def prepare(
         calib,
         probe,
         list(names),
-        ProbeSettings(m.r_max, m.sketch_dim, config.calib.seed, config.calib.batch_size),
+        ProbeSettings(
+            m.r_max,
+            m.sketch_dim,
+            config.calib.seed,
+            config.calib.batch_size,
+            m.r_mid if m.curve == "power" else None,
+        ),
         progress,
     )
     seconds["sensitivity"] = time.perf_counter() - t
@@ -189,6 +195,13 @@ def allocate(state: MethodState, config: LwqConfig, budget: float | None = None)
         tol=m.solver_tol,
         overhead=reserve,
     )
+
+
+def largest_first(state: MethodState) -> list[int]:
+    """Layer indices by decreasing quantization work (d_in^2 (d_out + d_in / 3): the
+    inverse Hessian and the column sweep), so parallel workers finish together."""
+    work = [c.shape[1] ** 2 * (c.shape[0] + c.shape[1] / 3) for c in state.costs]
+    return sorted(range(len(work)), key=lambda i: (-work[i], i))
 
 
 def fixed_allocation(state: MethodState, ratio: float) -> Allocation:

@@ -8,7 +8,16 @@ weighted by the output Fisher and sketched, the predicted loss increase is
 
 Q = B^T B, c_j = sum_i (A^T B)_ij. The cross terms of Q and c are the
 inter-layer dependencies; ``objective="diagonal"`` drops them, ``"fixed"``
-gives every layer one ratio. The budget sum_i bits_i(r_i) <= B * sum_i n_i uses
+gives every layer one ratio.
+
+The output change is not linear in r: the first weights protected are the most
+salient, so most of the gain comes early. With a third probe at r_mid the
+profile carries a per-layer exponent gamma_i in (0, 1], and the output change
+is a_i - s_i b_i with s_i = phi_i(r_i) = r_max (r_i / r_max)^gamma_i (gamma = 1
+is the chord). The objective is the same quadratic in s; the budget, a convex
+function of s (r = r_max (s / r_max)^(1/gamma)), enters as a piecewise-linear
+upper bound (chords between breakpoints, exact at them), so the problem stays a
+QP for either solver. The budget sum_i bits_i(r_i) <= B * sum_i n_i uses
 the exact cost curves of ``lwq.method.cost``; they are concave in r, so the
 constraint is replaced by its tangent at the current solution (a tangent
 over-estimates a concave function, so the budget still holds), solved, and
@@ -17,6 +26,7 @@ repeated; a last exact repair scales the ratios so the true bytes meet the budge
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -56,20 +66,34 @@ class SensitivityProfile:
     n_tokens: int
     meta: tuple[tuple[str, str], ...] = ()
     version: int = 1
+    gamma: torch.Tensor | None = None  # (N,) curve exponents; None: the chord
+
+    def exponents(self) -> torch.Tensor:
+        """gamma_i of s_i = r_max (r_i / r_max)^gamma_i (ones for the chord)."""
+        if self.gamma is None:
+            return torch.ones(len(self.names), dtype=torch.float64)
+        return self.gamma.double()
+
+    def effective(self, ratios: Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """s = phi(r): the ratios as the linear model of the output change sees them."""
+        r = torch.as_tensor(ratios, dtype=torch.float64).clamp(0.0, self.r_max)
+        if self.gamma is None:
+            return r
+        return self.r_max * (r / self.r_max) ** self.exponents()
 
     def predicted_loss(
         self, ratios: Sequence[float] | torch.Tensor, objective: Objective = "full"
     ) -> float:
-        """1/2 ||sum_i (a_i - r_i b_i)||^2 (diagonal: the sum of the per-layer terms)."""
-        r = torch.as_tensor(ratios, dtype=torch.float64)
+        """1/2 ||sum_i (a_i - s_i b_i)||^2, s = phi(r) (diagonal: the per-layer terms)."""
+        r = self.effective(ratios)
         if objective == "diagonal":
             d = self.AtA.diagonal() - 2 * r * self.AtB.diagonal() + r * r * self.BtB.diagonal()
             return 0.5 * float(d.sum())
         return 0.5 * float(self.AtA.sum() - 2 * (self.AtB.sum(dim=0) * r).sum() + r @ self.BtB @ r)
 
     def per_layer_loss(self, ratios: Sequence[float] | torch.Tensor) -> torch.Tensor:
-        """Each layer's own term 1/2 ||a_i - r_i b_i||^2 (cross terms excluded)."""
-        r = torch.as_tensor(ratios, dtype=torch.float64)
+        """Each layer's own term 1/2 ||a_i - s_i b_i||^2 (cross terms excluded)."""
+        r = self.effective(ratios)
         return 0.5 * (
             self.AtA.diagonal() - 2 * r * self.AtB.diagonal() + r * r * self.BtB.diagonal()
         )
@@ -129,6 +153,14 @@ def _project_psd(Q: np.ndarray) -> np.ndarray:
     return (V * np.clip(w, 0.0, None)) @ V.T
 
 
+CURVE_PIECES = 12  # chords of r(s) in the budget constraint
+
+
+def _ratio_of(s: np.ndarray, gamma: np.ndarray, r_max: float) -> np.ndarray:
+    """r = phi^-1(s) = r_max (s / r_max)^(1 / gamma)."""
+    return r_max * np.clip(s / r_max, 0.0, 1.0) ** (1.0 / gamma)
+
+
 def _solve_qp(
     Q: np.ndarray,
     c: np.ndarray,
@@ -138,17 +170,32 @@ def _solve_qp(
     ties: Sequence[Sequence[int]],
     solver: str,
     tol: float,
+    gamma: np.ndarray,
 ) -> np.ndarray:
+    """The effective ratios s minimising 1/2 s^T Q s - c^T s within the budget."""
     import cvxpy as cp
 
     n = len(c)
-    r = cp.Variable(n)
-    cons = [r >= 0, r <= r_max, slope @ r <= rhs]
+    s = cp.Variable(n)
+    cons = [s >= 0, s <= r_max]
+    if np.all(gamma == 1.0):
+        cons.append(slope @ s <= rhs)
+    else:
+        # r(s) is convex: bound it above by its chords between breakpoints
+        # (their maximum is the piecewise-linear interpolant, exact at the knots).
+        u = cp.Variable(n)
+        knots = r_max * np.linspace(0.0, 1.0, CURVE_PIECES + 1)
+        for k0, k1 in itertools.pairwise(knots):
+            r0 = _ratio_of(np.full(n, k0), gamma, r_max)
+            r1 = _ratio_of(np.full(n, k1), gamma, r_max)
+            m = (r1 - r0) / (k1 - k0)
+            cons.append(u >= cp.multiply(m, s) + (r0 - m * k0))
+        cons.append(slope @ u <= rhs)
     for group in ties:
-        cons += [r[i] == r[group[0]] for i in group[1:]]
+        cons += [s[i] == s[group[0]] for i in group[1:]]
     # Q is handed to the solver as the QP's quadratic term (no factorisation);
     # it is PSD by construction, projected once by the caller.
-    prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(r, cp.psd_wrap(Q)) - c @ r), cons)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(s, cp.psd_wrap(Q)) - c @ s), cons)
     kwargs = {
         "CLARABEL": {"tol_gap_abs": tol, "tol_gap_rel": tol, "tol_feas": tol},
         "OSQP": {"eps_abs": tol, "eps_rel": tol, "max_iter": 200_000},
@@ -160,13 +207,15 @@ def _solve_qp(
         raise SolverError(
             f"the QP solver {solver} failed ({err}); set method.solver={other}"
         ) from err
-    if prob.status not in ("optimal", "optimal_inaccurate") or r.value is None:
+    if prob.status not in ("optimal", "optimal_inaccurate"):
         other = next(s for s in SOLVERS if s != solver)
         raise SolverError(
             f"the QP solver {solver} ended with status {prob.status!r}; "
             f"set method.solver={other} or loosen method.solver_tol"
         )
-    return np.clip(np.asarray(r.value, dtype=np.float64), 0.0, r_max)
+    if s.value is None:
+        raise SolverError(f"the QP solver {solver} returned no solution")
+    return np.clip(np.asarray(s.value, dtype=np.float64), 0.0, r_max)
 
 
 def solve_allocation(
@@ -211,9 +260,13 @@ def solve_allocation(
         else:
             Q, c = _project_psd(BtB), AtB.sum(axis=0)
         step = max(1e-4, 0.02 * r_max)
+        gamma = profile.exponents().numpy().copy()
+        for group in ties:  # tied layers share one ratio, so one curve
+            gamma[list(group)] = gamma[list(group)].mean()
 
         def objective_of(x: np.ndarray) -> float:
-            return float(0.5 * x @ Q @ x - c @ x)
+            eff = r_max * (x / r_max) ** gamma  # s = phi(r)
+            return float(0.5 * eff @ Q @ eff - c @ eff)
 
         best, best_value = r, objective_of(r)
         for it in range(1, iterations + 1):
@@ -225,7 +278,8 @@ def solve_allocation(
             if rhs <= 0:  # the tangent at r cuts off every ratio: keep the best so far
                 break
             done = it
-            new = _solve_qp(Q, c, slope, rhs, r_max, ties, solver, tol)
+            eff = _solve_qp(Q, c, slope, rhs, r_max, ties, solver, tol, gamma)
+            new = _ratio_of(eff, gamma, r_max)
             moved = float(np.abs(new - r).max())
             # Exact repair: the tangent is only an approximation of the step-wise cost.
             r = _scale_to_budget(costs, np.maximum(new, 1e-12), r_max, budget_bits)

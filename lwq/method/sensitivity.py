@@ -11,6 +11,15 @@ matrices are kept, accumulated batch by batch, so memory is N x (batch tokens)
 x K whatever the calibration size. Each probe re-runs only the blocks from the
 perturbed layer's block onward, starting from the cached full-precision input
 of that block.
+
+With ``r_mid`` set, a third probe per layer measures the damage at r_mid,
+||z_i(r_mid)||^2, and finds the point of the chord with that damage: the
+smaller root s_mid of ||a_i - s b_i||^2 = ||z_i(r_mid)||^2 (the chord's
+minimum when there is none). The exponent of the curve s = r_max (r / r_max)^gamma
+through it is gamma_i = log(s_mid / r_max) / log(r_mid / r_max), clipped to
+[GAMMA_MIN, 1] (1: the chord; small: most of the gain comes from the first
+weights protected). The layer's own predicted loss is then exact at the three
+probes.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from lwq.calibration import CalibrationSet
 from lwq.method.qp import SensitivityProfile
 from lwq.stats import BlockInputs, InMemoryCausalLM, NumericalError, capture_block_inputs, run_block
 
+GAMMA_MIN = 0.2
+
 
 @dataclass(frozen=True)
 class ProbeSettings:
@@ -34,6 +45,25 @@ class ProbeSettings:
     sketch_dim: int = 128
     seed: int = 0
     batch_size: int = 8
+    r_mid: float | None = None  # a third probe: the curve's exponent per layer
+
+
+def chord_point(
+    a_sq: torch.Tensor, ab: torch.Tensor, b_sq: torch.Tensor, mid_sq: torch.Tensor
+) -> torch.Tensor:
+    """The smaller s with ||a - s b||^2 = mid_sq (per layer; the minimiser if none)."""
+    a_sq, ab, b_sq, mid_sq = (x.double() for x in (a_sq, ab, b_sq, mid_sq))
+    b_sq = b_sq.clamp(min=1e-300)
+    disc = ab * ab - b_sq * (a_sq - mid_sq)
+    return (ab - disc.clamp(min=0.0).sqrt()) / b_sq
+
+
+def curve_exponents(along: torch.Tensor, r_mid: float, r_max: float) -> torch.Tensor:
+    """gamma from t = phi(r_mid) / r_max, the fraction of the chord reached at r_mid."""
+    x = r_mid / r_max
+    t = along.double().clamp(min=x, max=1.0)
+    gamma = torch.log(t) / torch.log(torch.tensor(x, dtype=torch.float64))
+    return gamma.clamp(GAMMA_MIN, 1.0)
 
 
 class FisherSketch:
@@ -107,17 +137,21 @@ def sensitivity_profile(
     """Gram matrices of the per-layer output changes on ``calib``.
 
     ``probe(name, r)`` returns layer ``name``'s dequantised (d_out, d_in) weight
-    at ratio r (called for r = 0 and r = r_max, once each; the results are kept).
+    at ratio r (called for r = 0, r = r_max and r_mid if set, once each; the
+    results are kept).
     ``model`` is the full-precision model in memory; it is left unchanged.
     """
     t0 = time.perf_counter()
     source = InMemoryCausalLM(model, adapter)
     blocks = adapter.get_blocks(model)
     modules = dict(adapter.iter_layers(model))
-    r_max = settings.r_max
+    r_max, r_mid = settings.r_max, settings.r_mid
+    if r_mid is not None and not 0 < r_mid < r_max:
+        raise ValueError(f"r_mid={r_mid} must lie strictly between 0 and r_max={r_max}")
+    levels = (0.0, r_max) if r_mid is None else (0.0, r_max, r_mid)
     fp = {n: adapter.read_weight(modules[n]) for n in names}
     probes = {
-        n: (probe(n, 0.0), probe(n, r_max))
+        n: tuple(probe(n, r) for r in levels)
         for n in tqdm(names, desc="probes", disable=not progress)
     }
     vocab = int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
@@ -126,6 +160,7 @@ def sensitivity_profile(
     AtA = torch.zeros(N, N, dtype=torch.float64)
     AtB = torch.zeros_like(AtA)
     BtB = torch.zeros_like(AtA)
+    mid_sq = torch.zeros(N, dtype=torch.float64)  # sum ||z(r_mid)||^2
     n_tokens = 0
     for batch in tqdm(calib.batches(settings.batch_size), desc="sensitivity", disable=not progress):
         inputs = capture_block_inputs(source, [batch])
@@ -157,23 +192,37 @@ def sensitivity_profile(
                 )
                 for w in probes[name]
             ]
-            z0 = sketch(deltas[0])  # (T, K)
-            zmax = sketch(deltas[1])
-            if not (torch.isfinite(z0).all() and torch.isfinite(zmax).all()):
+            z = [sketch(d) for d in deltas]  # (T, K) each
+            if not all(torch.isfinite(x).all() for x in z):
                 raise NumericalError(f"{name}: NaN or inf in the output change of its probe")
+            z0, zmax = z[0], z[1]
             A[i] = z0.reshape(-1).cpu()
             B[i] = ((z0 - zmax) / r_max).reshape(-1).cpu()
+            if r_mid is not None:
+                mid_sq[i] += float(z[2].double().square().sum())
         A64, B64 = A.double(), B.double()
         AtA += A64 @ A64.T
         AtB += A64 @ B64.T
         BtB += B64 @ B64.T
         n_tokens += T
+    gamma = None
+    if r_mid is not None:
+        s_mid = chord_point(AtA.diagonal(), AtB.diagonal(), BtB.diagonal(), mid_sq)
+        gamma = curve_exponents(s_mid / r_max, r_mid, r_max)
     meta = (
         ("sketch_dim", str(settings.sketch_dim)),
+        ("r_mid", "none" if r_mid is None else str(r_mid)),
         ("seed", str(settings.seed)),
         ("calib_sha256", calib.sha256),
         ("seconds", f"{time.perf_counter() - t0:.2f}"),
     )
     return SensitivityProfile(
-        tuple(names), r_max, AtA / n_tokens, AtB / n_tokens, BtB / n_tokens, n_tokens, meta
+        tuple(names),
+        r_max,
+        AtA / n_tokens,
+        AtB / n_tokens,
+        BtB / n_tokens,
+        n_tokens,
+        meta,
+        gamma=gamma,
     )

@@ -167,3 +167,14 @@ def test_layer_by_layer_checkpoint_equals_the_parallel_pass(family: str, tmp_pat
         assert torch.equal(a[name].data, b[name].data), name
     assert by_layer["files"] == one_pass["files"]  # same bytes, file by file
     assert read_manifest(tmp_path / "b")["quantization"]["mode"] == "parallel"
+
+
+def test_largest_layers_are_quantized_first() -> None:
+    from types import SimpleNamespace
+
+    from lwq.method.driver import largest_first
+
+    shapes = [(128, 128), (512, 128), (128, 512), (32, 128), (128, 128)]
+    state: Any = SimpleNamespace(costs=[SimpleNamespace(shape=s) for s in shapes])
+    # The wide-input layer (a down projection) costs most, ties keep model order.
+    assert largest_first(state) == [2, 1, 0, 4, 3]

@@ -21,8 +21,10 @@ def synthetic(
     seed: int = 0,
     r_max: float = 0.3,
     shape: tuple[int, int] = (16, 128),
+    curved: bool = False,
 ) -> tuple[SensitivityProfile, list[LayerCost]]:
-    """Layers whose output changes a_i shrink linearly with r, with shared directions."""
+    """Layers whose output changes a_i shrink with r (linearly, or along power curves
+    r_max (r / r_max)^gamma_i), with shared directions."""
     gen = torch.Generator().manual_seed(seed)
     shared = torch.randn(k, generator=gen, dtype=torch.float64)
     scale = torch.rand(n_layers, generator=gen, dtype=torch.float64) * 3 + 0.2
@@ -32,14 +34,18 @@ def synthetic(
     )  # (k, N) columns a_i
     B = A / r_max * (0.5 + 0.5 * torch.rand(n_layers, generator=gen, dtype=torch.float64))
     names = tuple(f"l{i}" for i in range(n_layers))
-    profile = SensitivityProfile(names, r_max, A.T @ A, A.T @ B, B.T @ B, n_tokens=1)
+    gamma = 0.25 + 0.75 * torch.rand(n_layers, generator=gen, dtype=torch.float64)
+    profile = SensitivityProfile(
+        names, r_max, A.T @ A, A.T @ B, B.T @ B, n_tokens=1, gamma=gamma if curved else None
+    )
     lo, hi = GridSpec(2, 64), GridSpec(4, 64)
     costs = [layer_cost(n, ranking(torch.rand(shape, generator=gen)), shape, lo, hi) for n in names]
     return profile, costs
 
 
-def test_full_beats_diagonal_beats_fixed_at_equal_bits() -> None:
-    profile, costs = synthetic(12)
+@pytest.mark.parametrize("curved", [False, True])
+def test_full_beats_diagonal_beats_fixed_at_equal_bits(curved: bool) -> None:
+    profile, costs = synthetic(12, curved=curved)
     lo, hi = feasible_range(costs, profile.r_max)
     budget = lo + 0.3 * (hi - lo)
     runs = {o: solve_allocation(profile, costs, budget, o) for o in ("fixed", "diagonal", "full")}
@@ -52,8 +58,9 @@ def test_full_beats_diagonal_beats_fixed_at_equal_bits() -> None:
     assert runs["full"].predicted_loss < runs["fixed"].predicted_loss
 
 
-def test_matches_brute_force_on_two_layers() -> None:
-    profile, costs = synthetic(2, shape=(32, 256))
+@pytest.mark.parametrize("curved", [False, True])
+def test_matches_brute_force_on_two_layers(curved: bool) -> None:
+    profile, costs = synthetic(2, shape=(32, 256), curved=curved)
     lo, hi = feasible_range(costs, profile.r_max)
     budget = lo + 0.4 * (hi - lo)
     alloc = solve_allocation(profile, costs, budget, "full")
@@ -68,8 +75,9 @@ def test_matches_brute_force_on_two_layers() -> None:
     assert alloc.predicted_loss <= best * 1.01 + 1e-9
 
 
-def test_solvers_agree_and_ties_hold() -> None:
-    profile, costs = synthetic(8)
+@pytest.mark.parametrize("curved", [False, True])
+def test_solvers_agree_and_ties_hold(curved: bool) -> None:
+    profile, costs = synthetic(8, curved=curved)
     lo, hi = feasible_range(costs, profile.r_max)
     budget = 0.5 * (lo + hi)
     a = solve_allocation(profile, costs, budget, "full", solver="CLARABEL")
@@ -90,3 +98,15 @@ def test_infeasible_budget_states_the_range() -> None:
         solve_allocation(profile, costs, hi + 0.1)
     with pytest.raises(ConfigError, match=r"method\.solver"):
         solve_allocation(profile, costs, lo, solver="GUROBI")
+
+
+def test_curved_prediction_is_the_quadratic_at_the_effective_ratios() -> None:
+    profile, _ = synthetic(5, curved=True)
+    assert profile.gamma is not None
+    r = torch.tensor([0.0, 0.01, 0.05, 0.2, 0.3], dtype=torch.float64)
+    s = profile.r_max * (r / profile.r_max) ** profile.gamma
+    chord = SensitivityProfile(
+        profile.names, profile.r_max, profile.AtA, profile.AtB, profile.BtB, 1
+    )
+    assert profile.predicted_loss(r) == pytest.approx(chord.predicted_loss(s))
+    assert profile.per_layer_loss(r).tolist() == pytest.approx(chord.per_layer_loss(s).tolist())

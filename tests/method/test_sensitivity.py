@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import ZOO
 
@@ -10,7 +11,14 @@ from lwq.calibration import build_calibration_set
 from lwq.eval.divergence import output_divergence
 from lwq.method.layer import quantize_at_ratio
 from lwq.method.saliency import ranking
-from lwq.method.sensitivity import ProbeSettings, fisher_sketch, sensitivity_profile
+from lwq.method.sensitivity import (
+    GAMMA_MIN,
+    ProbeSettings,
+    chord_point,
+    curve_exponents,
+    fisher_sketch,
+    sensitivity_profile,
+)
 from lwq.models import load_model_dir
 from lwq.quant.grid import GridSpec
 
@@ -45,7 +53,7 @@ def test_single_layer_prediction_matches_measurement() -> None:
         calib,
         probe,
         names,
-        ProbeSettings(r_max=0.3, sketch_dim=256, batch_size=4),
+        ProbeSettings(r_max=0.3, sketch_dim=256, batch_size=4, r_mid=0.03),
         progress=False,
     )
     assert prof.AtA.shape == (14, 14) and prof.n_tokens == 8 * 128
@@ -60,3 +68,36 @@ def test_single_layer_prediction_matches_measurement() -> None:
         adapter.write_weight(modules[name], W)
         predicted = 0.5 * float(prof.AtA[i, i])
         assert 0.6 < predicted / measured < 1.6, (name, predicted, measured)
+        # Between the probes, at r = 0.03, the fitted curve predicts the measured KL.
+        adapter.write_weight(modules[name], probe(name, 0.03))
+        measured = output_divergence(ref, model, calib.input_ids).kl
+        adapter.write_weight(modules[name], W)
+        at = [0.0] * len(names)
+        at[i] = 0.03
+        predicted = float(prof.per_layer_loss(at)[i])
+        assert 0.6 < predicted / measured < 1.6, (name, predicted, measured)
+    assert prof.gamma is not None
+    assert bool(((prof.gamma >= GAMMA_MIN) & (prof.gamma <= 1)).all())
+
+
+def test_curve_exponent_recovers_a_power_law() -> None:
+    x = 0.03 / 0.3
+    for gamma in (0.3, 0.5, 0.8, 1.0):
+        got = curve_exponents(torch.tensor([x**gamma], dtype=torch.float64), 0.03, 0.3)
+        assert float(got[0]) == pytest.approx(gamma, abs=1e-9)
+    # Outside the model's range: clipped, never beyond the chord nor below GAMMA_MIN.
+    got = curve_exponents(torch.tensor([0.01, 1.5]), 0.03, 0.3)
+    assert got.tolist() == pytest.approx([1.0, GAMMA_MIN])
+
+
+def test_chord_point_has_the_probed_damage() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
+    b = b + a / 0.3  # the chord heads towards zero damage
+    s = 0.1
+    mid = float((a - s * b).square().sum())
+    got = chord_point(a @ a, a @ b, b @ b, torch.tensor(mid))
+    assert float(got) == pytest.approx(s, rel=1e-6)
+    # Below the chord's least damage: its minimiser.
+    low = chord_point(a @ a, a @ b, b @ b, torch.tensor(0.0))
+    assert float(low) == pytest.approx(float(a @ b / (b @ b)), rel=1e-6)
