@@ -107,7 +107,14 @@ def _client(config: LwqConfig) -> Any:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(config)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: keep the user's
+    # variable as it was, or the next run in this process would inherit this URI.
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
     return MlflowClient(tracking_uri=uri)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,9 @@ def test_tracking_server_stopped_keeps_the_checkpoint_and_the_next_run_registers
         )
     finally:
         server.stop()
+    # A run leaves the user's MLFLOW_TRACKING_URI as it was (a later run must not
+    # inherit this, now stopped, server).
+    assert os.environ.get("MLFLOW_TRACKING_URI") != server.uri
 
 
 def test_lwq_run_prints_where_what_and_how_well(
