@@ -161,6 +161,11 @@ def _ratio_of(s: np.ndarray, gamma: np.ndarray, r_max: float) -> np.ndarray:
     return r_max * np.clip(s / r_max, 0.0, 1.0) ** (1.0 / gamma)
 
 
+def _effective_of(r: np.ndarray, gamma: np.ndarray, r_max: float) -> np.ndarray:
+    """s = phi(r) = r_max (r / r_max)^gamma (``SensitivityProfile.effective`` per group)."""
+    return r_max * np.clip(r / r_max, 0.0, 1.0) ** gamma
+
+
 def _solve_qp(
     Q: np.ndarray,
     c: np.ndarray,
@@ -207,14 +212,12 @@ def _solve_qp(
         raise SolverError(
             f"the QP solver {solver} failed ({err}); set method.solver={other}"
         ) from err
-    if prob.status not in ("optimal", "optimal_inaccurate"):
+    if prob.status not in ("optimal", "optimal_inaccurate") or s.value is None:
         other = next(s for s in SOLVERS if s != solver)
         raise SolverError(
             f"the QP solver {solver} ended with status {prob.status!r}; "
             f"set method.solver={other} or loosen method.solver_tol"
         )
-    if s.value is None:
-        raise SolverError(f"the QP solver {solver} returned no solution")
     return np.clip(np.asarray(s.value, dtype=np.float64), 0.0, r_max)
 
 
@@ -265,7 +268,7 @@ def solve_allocation(
             gamma[list(group)] = gamma[list(group)].mean()
 
         def objective_of(x: np.ndarray) -> float:
-            eff = r_max * (x / r_max) ** gamma  # s = phi(r)
+            eff = _effective_of(x, gamma, r_max)
             return float(0.5 * eff @ Q @ eff - c @ eff)
 
         best, best_value = r, objective_of(r)
