@@ -49,28 +49,28 @@ def run_row(
     from lwq.config import make_config
     from lwq.quantize import quantize
 
-    cfg = make_config(
-        {
-            "model": str(ZOO / model),
-            "out": str(out),
-            "overwrite": True,
-            "calib": {
-                "source": str(ZOO / "data" / "calibration.txt"),
-                "n_samples": n_samples,
-                "seq_len": seq_len,
-                "seed": seed,
-                "mode": "sequential",
-            },
-            "quant": {"method": method, "bits": bits, "group_size": group},
+    data: dict[str, Any] = {
+        "model": str(ZOO / model),
+        "out": str(out),
+        "overwrite": True,
+        "quant": {"method": method, "bits": bits, "group_size": group},
+    }
+    if method != "rtn":  # RTN reads no calibration data
+        data["calib"] = {
+            "source": str(ZOO / "data" / "calibration.txt"),
+            "n_samples": n_samples,
+            "seq_len": seq_len,
+            "seed": seed,
+            "mode": "sequential",
         }
-    )
+    cfg = make_config(data)
     t = time.perf_counter()
     report = quantize(cfg, progress=False)
     return {
         "seconds": time.perf_counter() - t,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "bits": report.manifest["bits"]["from_bytes"],
-        "bits_model": report.manifest["bits"]["from_model"],
+        "bits": report.manifest.bits.from_bytes,
+        "bits_model": report.manifest.bits.from_model,
     }
 
 

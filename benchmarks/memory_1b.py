@@ -75,7 +75,7 @@ def quantize_child(model: Path, out: Path) -> None:
                 "seconds": time.perf_counter() - t,
                 "block_seconds": report.block_seconds,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "bits": report.manifest["bits"]["from_bytes"],
+                "bits": report.manifest.bits.from_bytes,
             }
         )
     )

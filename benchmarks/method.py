@@ -73,6 +73,7 @@ def config_for(model: str, out: Path, args: argparse.Namespace, **method: Any) -
                 "seq_len": args.seq_len,
                 "mode": "sequential",
             },
+            "quant": {"method": "lwq"},
             "method": method,
         }
     )
@@ -86,7 +87,7 @@ class Setup:
 
         from lwq.adapters import adapter_for
         from lwq.calibration import build_calibration_set
-        from lwq.method.driver import prepare
+        from lwq.method.state import HessianStore, prepare
         from lwq.models import load_model_dir
 
         self.name = model
@@ -98,8 +99,12 @@ class Setup:
             self.tok, ZOO / "data" / "calibration.txt", args.n_samples, args.seq_len, seed=0
         )
         t = time.perf_counter()
-        self.state = prepare(self.fp, self.adapter, self.calib, self.config, progress=False)
+        hessians = args.work / model / "hessians"
+        self.state = prepare(
+            self.fp, self.adapter, self.calib, self.config, hessians, progress=False
+        )
         self.prepare_seconds = time.perf_counter() - t
+        self.hessians = HessianStore.open(hessians)
         self.windows = heldout_windows(self.tok, args.seq_len)
 
 
@@ -124,18 +129,15 @@ def random_allocations(
 
 def quantized_copy(s: Setup, ratios: np.ndarray) -> torch.nn.Module:
     """Every layer at its ratio from the full-precision Hessians (parallel mode)."""
-    from lwq.method.driver import gptq_settings
-    from lwq.method.layer import quantize_at_ratio
+    from lwq.quant.layer import quantize_layer
 
     model = copy.deepcopy(s.fp)
-    settings = gptq_settings(s.config)
+    settings = s.config.gptq.settings()
     modules = dict(s.adapter.iter_layers(model))
     for name, r in zip(s.state.names, ratios, strict=True):
         W = s.adapter.read_weight(modules[name])
-        qw = quantize_at_ratio(
-            W, s.state.hessians[name], s.state.orders[name], float(r), s.state.lo,
-            s.state.hi, settings, name,
-        )  # fmt: skip
+        job = s.state.job(name, float(r))
+        qw = quantize_layer(W, s.hessians.get(name), job, settings).weight
         s.adapter.write_weight(modules[name], qw.dequantize())
     return model
 
@@ -216,7 +218,8 @@ def lwq_row(
     **method: Any,
 ) -> dict[str, Any]:
     """Quantize at ``budget`` (or, with ``ratio=``, at one fixed ratio) and evaluate."""
-    from lwq.method.driver import allocate, fixed_allocation, quantize_allocation
+    from lwq.method.state import allocate, fixed_allocation
+    from lwq.quantize import MethodPlan, quantize_model
 
     state = s.state if state is None else state
     label = label or ROW_NAMES[objective]
@@ -227,11 +230,12 @@ def lwq_row(
     cfg = config_for(s.name, out, args, objective=objective, **method)
     t = time.perf_counter()
     alloc = allocate(state, cfg) if ratio is None else fixed_allocation(state, ratio)
-    manifest = quantize_allocation(ZOO / s.name, out, state, alloc, s.calib, cfg, False)
+    plan = MethodPlan(state, alloc)
+    report = quantize_model(ZOO / s.name, out, plan, s.calib, cfg, False)
     seconds = time.perf_counter() - t
     return {
         "row": label,
-        "bits": manifest["bits"]["from_bytes"],
+        "bits": report.bits,
         "mean_ratio": float(np.mean(alloc.ratios)),
         "predicted_kl": alloc.predicted_loss,
         "seconds": seconds,

@@ -74,17 +74,19 @@ def config(model: str, work: Path, budget: float, args: argparse.Namespace) -> A
 
 
 def bare(cfg: Any) -> float:
+    from lwq.config import PipelineConfig
     from lwq.eval.perplexity import perplexity_of_text
-    from lwq.models import load_model_dir
+    from lwq.models import context_window, load_model_dir
     from lwq.pack.checkpoint import load_quantized
     from lwq.quantize import quantize
     from lwq.textio import read_text
 
     t = time.perf_counter()
-    report = quantize(cfg, progress=False)
     text = read_text(Path(str(cfg.pipeline.eval_data)))
+    # The library call takes no pipeline settings (they are the workflow's).
+    report = quantize(cfg.model_copy(update={"pipeline": PipelineConfig()}), progress=False)
     q, tok, _ = load_quantized(report.out)
-    seq = int(q.config.max_position_embeddings)
+    seq = context_window(q.config)
     perplexity_of_text(q, tok, text, seq, batch_size=8)
     fp, _ = load_model_dir(Path(str(cfg.model)))
     perplexity_of_text(fp, tok, text, seq, batch_size=8)
@@ -95,8 +97,13 @@ def flow(cfg: Any) -> float:
     from flows.compress import run
 
     t = time.perf_counter()
-    run(cfg)
+    run(workflow(cfg))
     return time.perf_counter() - t
+
+
+def workflow(cfg: Any) -> Any:
+    """The same settings for ``lwq run``: no --out, parallel mode is implied."""
+    return cfg.model_copy(update={"out": None, "overwrite": False})
 
 
 def start_prefect_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -182,7 +189,7 @@ def dask_part(args: argparse.Namespace) -> dict[str, Any]:
                 method = cfg.method.model_copy(update={"hi_refine": args.hi_refine})
                 cfg = cfg.model_copy(update={"pipeline": pipe, "method": method})
                 t = time.perf_counter()
-                (res,) = run(cfg)
+                (res,) = run(workflow(cfg))
                 flow_times[label].append(time.perf_counter() - t)
                 times[label].append(res.seconds["quantize"])
                 print(

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.context import get_run_context
 
-from lwq.config import LwqConfig
+from lwq.config import LwqConfig, with_zoo_defaults
 from tasks.runners import task_runner_for
 from tasks.stages import (
     EvalReport,
@@ -26,7 +26,7 @@ from tasks.stages import (
     evaluate,
     fingerprint,
     pack,
-    quantize_layer,
+    quantize_layer_task,
     sensitivity,
     solve,
     upload,
@@ -43,11 +43,21 @@ class CompressResult:
     registered: Registered
     seconds: dict[str, float]
     flow_run_id: str
+    # Stage -> "cached" or "computed" ("3/14 cached" for the layers): what the
+    # caches served, so a user sees what a rerun recomputed and why it took long.
+    cache: dict[str, str]
 
 
 def _flow_run_id() -> str:
     ctx: Any = get_run_context()
     return str(ctx.flow_run.id)
+
+
+def _cached_call(cache: dict[str, str], task: Any, *args: Any) -> Any:
+    """Call ``task`` and note whether its result came from the cache."""
+    state = task(*args, return_state=True)
+    cache[task.name] = "cached" if state.name == "Cached" else "computed"
+    return state.result()
 
 
 @dataclass(frozen=True)
@@ -57,25 +67,35 @@ class Prepared:
     state_dir: str
     state_key: str
     seconds: dict[str, float]
+    cache: dict[str, str]
 
 
 def _prepare(config: LwqConfig, fp: Fingerprint) -> Prepared:
     model_dir, work = str(config.model), config.pipeline.work_dir
-    calib_path, calib_sha, calib_s = calibrate(
-        model_dir, work, fp.model_sha, fp.source_sha, config.calib.model_dump(mode="json")
-    )
-    state_dir, state_key, sens_s = sensitivity(
+    cache: dict[str, str] = {}
+    calib = _cached_call(
+        cache,
+        calibrate,
         model_dir,
         work,
-        calib_path,
+        fp.model_sha,
+        fp.source_sha,
+        config.calib.model_dump(mode="json", exclude={"mode", "batch_size"}),
+    )
+    state = _cached_call(
+        cache,
+        sensitivity,
+        model_dir,
+        work,
+        calib.path,
         config,
         fp.model_sha,
-        calib_sha,
+        calib.sha256,
         config.method.model_dump(mode="json", exclude={"budget"}),
         config.gptq.model_dump(mode="json"),
     )
-    seconds = {"calibrate": calib_s, "sensitivity": sens_s}
-    return Prepared(calib_path, calib_sha, state_dir, state_key, seconds)
+    seconds = {"calibrate": calib.seconds, "sensitivity": state.seconds}
+    return Prepared(calib.path, calib.sha256, state.path, state.key, seconds, cache)
 
 
 def _compress_budget(
@@ -84,11 +104,13 @@ def _compress_budget(
     model_dir, work = str(config.model), config.pipeline.work_dir
     method = config.method.model_dump(mode="json", exclude={"budget"})
     gptq = config.gptq.model_dump(mode="json")
+    cache = dict(prep.cache)
     t = time.perf_counter()
-    alloc, order = solve(prep.state_dir, config, prep.state_key, budget, method)
+    solution = _cached_call(cache, solve, prep.state_dir, config, prep.state_key, budget, method)
+    alloc, order = solution.allocation, solution.order
     solve_s = time.perf_counter() - t
     t = time.perf_counter()
-    layers = quantize_layer.map(
+    futures = quantize_layer_task.map(
         unmapped(model_dir),
         unmapped(work),
         unmapped(prep.state_dir),
@@ -99,13 +121,20 @@ def _compress_budget(
         [alloc.ratios[i] for i in order],
         unmapped(gptq),
         unmapped(method),
-    ).result()
+    )
+    futures.wait()
+    hits = sum(f.state.name == "Cached" for f in futures)
+    cache[quantize_layer_task.name] = f"{hits}/{len(futures)} cached"
+    layers = futures.result()
     quantize_s = time.perf_counter() - t
     keys = [fp.model_sha, prep.state_key, list(alloc.ratios), gptq, method]
-    ckpt, manifest_sha = pack(
-        model_dir, work, prep.state_dir, prep.calib_path, layers, config, alloc, keys
+    packed = _cached_call(
+        cache, pack, model_dir, work, prep.state_dir, prep.calib_path, layers, config, alloc, keys
     )
-    report = evaluate(ckpt, model_dir, config, manifest_sha, fp.eval_sha)
+    ckpt = packed.path
+    report = _cached_call(
+        cache, evaluate, ckpt, model_dir, config, packed.manifest_sha256, fp.eval_sha
+    )
     run_fp = fp.for_budget(budget)
     key = f"{Path(model_dir).name}/{run_fp.run}"
     t = time.perf_counter()
@@ -119,7 +148,7 @@ def _compress_budget(
     }
     flow_run_id = _flow_run_id()
     registered = register(config, run_fp, ckpt, uri, key, report, seconds, flow_run_id)
-    return CompressResult(budget, ckpt, uri, report, registered, seconds, flow_run_id)
+    return CompressResult(budget, ckpt, uri, report, registered, seconds, flow_run_id, cache)
 
 
 @flow(name="lwq-compress", validate_parameters=False)
@@ -138,7 +167,13 @@ def sweep(config: LwqConfig, budgets: list[float]) -> list[CompressResult]:
 
 
 def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressResult]:
-    """``compress`` (one budget) or ``sweep`` with the configured task runner."""
+    """``compress`` (one budget) or ``sweep`` with the configured task runner.
+
+    Settings that the workflow would ignore are refused first (``check_for``);
+    a zoo model gets the zoo's calibration and validation slices as defaults.
+    """
+    config.check_for("run")
+    config = with_zoo_defaults(config, evaluation=True)
     options: dict[str, Any] = {
         "task_runner": task_runner_for(config.pipeline),
         # Task results (and so the caches) live with the rest of the work.

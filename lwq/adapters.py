@@ -1,8 +1,9 @@
 """Model adapters: which modules of a decoder block are the quantizable linears.
 
-One declarative ``ModelAdapter`` per architecture family; the driver
-(``lwq.calib.stats``) and the packer consume it and never special-case a
-family. Adding a family is adding one entry to ``ADAPTERS``.
+One declarative ``ModelAdapter`` per architecture family; the block driver
+(``lwq.stats``, ``lwq.quantize``) and the packer consume it and never
+special-case a family. Adding a family is adding one entry to ``ADAPTERS``.
+The adapter also owns the layer names: ``<blocks>.<index>.<linear>``.
 
 Weights are always handed out as (d_out, d_in) matrices, the layout of
 ``nn.Linear``. GPT-2's ``Conv1D`` stores (d_in, d_out), so its adapter is
@@ -67,15 +68,35 @@ class ModelAdapter:
         """The block's quantizable modules by name, in forward order."""
         return {name: block.get_submodule(name) for name in self.linears}
 
+    def layer_name(self, block: int, linear: str) -> str:
+        """The full module name of ``linear`` (e.g. ``mlp.up_proj``) in block ``block``."""
+        return f"{self.blocks}.{block}.{linear}"
+
+    def split_name(self, name: str) -> tuple[int, str]:
+        """(block index, linear) of a full layer name; the inverse of ``layer_name``."""
+        prefix = self.blocks + "."
+        if not name.startswith(prefix):
+            raise ValueError(f"{name} is not a layer of {self.blocks}")
+        block, _, linear = name[len(prefix) :].partition(".")
+        return int(block), linear
+
+    def block_index(self, name: str) -> int:
+        return self.split_name(name)[0]
+
+    def input_group(self, name: str) -> int:
+        """Index in ``input_groups`` of the group that holds layer ``name``."""
+        linear = self.split_name(name)[1]
+        return next(k for k, group in enumerate(self.input_groups) if linear in group)
+
     def layer_names(self, model: nn.Module) -> list[str]:
         """Full module names of every quantizable layer, block by block."""
         n_blocks = len(self.get_blocks(model))
-        return [f"{self.blocks}.{i}.{name}" for i in range(n_blocks) for name in self.linears]
+        return [self.layer_name(i, name) for i in range(n_blocks) for name in self.linears]
 
     def iter_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         for i, block in enumerate(self.get_blocks(model)):
             for name, mod in self.block_linears(block).items():
-                yield f"{self.blocks}.{i}.{name}", mod
+                yield self.layer_name(i, name), mod
 
     def read_weight(self, module: nn.Module) -> torch.Tensor:
         """The weight as a (d_out, d_in) float32 matrix (a copy)."""

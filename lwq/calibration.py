@@ -47,6 +47,25 @@ class CalibrationSet:
     def batches(self, batch_size: int) -> list[torch.Tensor]:
         return list(self.input_ids.split(batch_size))
 
+    def save(self, path: Path) -> Path:
+        """The windows as safetensors, the rest in its metadata."""
+        from lwq.fileio import save_tensors
+
+        meta = {"source": self.source, "seed": str(self.seed), "sha256": self.sha256}
+        meta["version"] = str(self.version)
+        return save_tensors({"input_ids": self.input_ids}, path, meta)
+
+    @classmethod
+    def load(cls, path: Path) -> CalibrationSet:
+        """A set written by ``save``; its tokens are checked against their hash."""
+        from lwq.fileio import load_tensors
+
+        tensors, meta = load_tensors(path)
+        ids = tensors["input_ids"]
+        if meta.get("version") != str(cls.version) or tokens_sha256(ids) != meta.get("sha256"):
+            raise ConfigError(f"{path} is not a calibration set of this lwq version; remove it")
+        return cls(ids, meta["source"], int(meta["seed"]), meta["sha256"])
+
 
 def tokens_sha256(ids: torch.Tensor) -> str:
     h = hashlib.sha256(str(tuple(ids.shape)).encode())

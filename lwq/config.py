@@ -1,24 +1,47 @@
 """The one configuration model, shared by the CLI, the Python API and the flows.
 
 Unknown keys are errors everywhere (``extra="forbid"``), so a typo never
-silently falls back to a default. Load it from YAML with ``load_config``;
-command-line flags override single fields with ``with_overrides``.
+silently falls back to a default, and so is a setting that the chosen method
+or command would ignore (``--symmetric`` with ``--method lwq``, ``--mode``
+with ``lwq run``): a changed setting either changes the result or is refused.
+Load it from YAML with ``load_config``; command-line flags override single
+fields with ``with_overrides``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lwq.errors import ConfigError
-from lwq.quant.grid import FLOAT_BITS, SUPPORTED_BITS
+from lwq.quant.gptq import GPTQSettings
+from lwq.quant.grid import FLOAT_BITS, SUPPORTED_BITS, GridSpec
+from lwq.quant.lwc import LWCSettings
+
+Command = Literal["quantize", "sweep", "run"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    def changed(self) -> list[str]:
+        """Names of the fields whose value differs from their default."""
+        return [
+            name
+            for name, info in type(self).model_fields.items()
+            if not info.is_required() and getattr(self, name) != info.get_default()
+        ]
 
 
 class CalibConfig(_Strict):
@@ -31,11 +54,17 @@ class CalibConfig(_Strict):
     )
     seed: int = 0
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
-    mode: Literal["parallel", "sequential"] = Field(
-        "sequential",
-        description="sequential: each block sees the quantized blocks before it (GPTQ); "
-        "parallel: every layer sees full-precision inputs, so layers are independent",
+    mode: Literal["parallel", "sequential"] | None = Field(
+        None,
+        description="sequential (the default of lwq quantize): each block sees the quantized "
+        "blocks before it (GPTQ); parallel (what lwq run does): every layer sees "
+        "full-precision inputs, so layers are independent",
     )
+
+    @property
+    def block_mode(self) -> Literal["parallel", "sequential"]:
+        """The mode a single-process quantization uses (sequential unless set)."""
+        return self.mode or "sequential"
 
 
 class QuantConfig(_Strict):
@@ -67,9 +96,12 @@ class GPTQConfig(_Strict):
     act_order: bool = False
     static_groups: bool = False
 
+    def settings(self) -> GPTQSettings:
+        return GPTQSettings(self.block_size, self.damp, self.act_order, self.static_groups)
+
 
 class MethodConfig(_Strict):
-    """Settings of --method lwq (arXiv:2511.17801 as formulated in METHOD.md)."""
+    """Settings of --method lwq (arXiv:2511.17801 as implemented: docs/method.md)."""
 
     budget: float = Field(2.5, gt=0, description="average bits per quantized weight, from bytes")
     lo_bits: int = Field(2, description="bits of the bulk of the weights")
@@ -130,6 +162,23 @@ class MethodConfig(_Strict):
             raise ValueError(
                 f"method.hi_bits={self.hi_bits} must exceed method.lo_bits={self.lo_bits}"
             )
+        changed = set(self.changed())
+        if self.curve == "chord" and "r_mid" in changed:
+            raise ValueError("method.r_mid applies to method.curve=power only (chord: no probe)")
+        if self.hi_refine == "none" and "lwc_steps" in changed:
+            raise ValueError("method.lwc_steps applies to method.hi_refine=lwc only")
+        if self.hi_refine == "lwc" and self.hi_bits == FLOAT_BITS:
+            raise ValueError(
+                "method.hi_refine=lwc learns an integer grid's clipping; it does not apply to "
+                f"method.hi_bits={FLOAT_BITS} (float16 values)"
+            )
+
+    def grids(self) -> tuple[GridSpec, GridSpec]:
+        """The low grid of most weights and the high grid of the high-impact ones."""
+        return GridSpec(self.lo_bits, self.group_size), GridSpec(self.hi_bits, self.group_size)
+
+    def lwc(self) -> LWCSettings | None:
+        return LWCSettings(steps=self.lwc_steps) if self.hi_refine == "lwc" else None
 
 
 class PipelineConfig(_Strict):
@@ -188,6 +237,51 @@ class LwqConfig(_Strict):
     method: MethodConfig = MethodConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
+    @model_validator(mode="after")
+    def _applies(self) -> LwqConfig:
+        """A changed setting that the chosen method ignores is an error."""
+        method = self.quant.method
+        if method == "lwq":
+            off = [f"quant.{k}" for k in self.quant.changed() if k != "method"]
+            why = "the method's grids are method.lo_bits, method.hi_bits and method.group_size"
+        else:
+            off = [f"method.{k}" for k in self.method.changed()]
+            why = "the method.* settings apply to quant.method=lwq only"
+            if method == "rtn":
+                off += [f"gptq.{k}" for k in self.gptq.changed()]
+                off += [f"calib.{k}" for k in self.calib.changed()]
+                why = "method.* is for lwq; RTN uses no calibration data (calib.*) or GPTQ (gptq.*)"
+        if off:
+            raise ValueError(
+                f"{_do_not_apply(off)} to quant.method={method} ({why}); "
+                "remove the setting or choose another quant.method"
+            )
+        return self
+
+    def check_for(self, command: Command) -> None:
+        """Refuse settings the command would ignore, before anything runs."""
+        if command == "run":
+            off: list[str] = [k for k in ("out", "overwrite") if k in self.changed()]
+            if off:
+                raise ConfigError(
+                    f"{_do_not_apply(off)} to lwq run: its checkpoints go to "
+                    "pipeline.storage (default WORK_DIR/store); use lwq quantize for --out"
+                )
+            if self.calib.mode == "sequential":
+                raise ConfigError(
+                    "calib.mode=sequential does not apply to lwq run: the workflow quantizes "
+                    "layers independently from full-precision Hessians (parallel); remove "
+                    "calib.mode (--mode) or use lwq quantize"
+                )
+        else:
+            off = [f"pipeline.{k}" for k in self.pipeline.changed()]
+            if off:
+                raise ConfigError(
+                    f"{_do_not_apply(off)} to lwq {command} (pipeline.* is for lwq run); remove it"
+                )
+        if command == "sweep" and self.quant.method != "lwq":
+            raise ConfigError("lwq sweep runs the method: set quant.method=lwq (or leave it out)")
+
     def require(self, *names: str) -> None:
         """Fail early when a setting the job needs is not given."""
         for name in names:
@@ -217,10 +311,15 @@ class LwqConfig(_Strict):
 def _explain(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        where = ".".join(str(x) for x in e["loc"])
         msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{where}: {msg}")
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}" if where else msg)
     return "invalid configuration: " + "; ".join(lines)
+
+
+def _do_not_apply(names: Sequence[str]) -> str:
+    return f"{', '.join(names)} {'does' if len(names) == 1 else 'do'} not apply"
 
 
 def make_config(data: dict[str, Any]) -> LwqConfig:
@@ -247,13 +346,33 @@ def load_config(path: Path | None) -> LwqConfig:
 
 def with_overrides(config: LwqConfig, overrides: dict[str, Any]) -> LwqConfig:
     """Apply dotted-key overrides (``{"quant.bits": 3}``); None values are skipped."""
-    data = config.model_dump()
+    data = config.model_dump(exclude_unset=True)
     for key, value in overrides.items():
         if value is None:
             continue
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
-            node = node[p]
+            node = node.setdefault(p, {})
         node[leaf] = value
     return make_config(data)
+
+
+def with_zoo_defaults(config: LwqConfig, evaluation: bool = False) -> LwqConfig:
+    """A model of a zoo folder gets the zoo's data slices as defaults.
+
+    For ``zoo/<model>``, ``zoo/data/calibration.txt`` is the calibration text
+    (when the method uses one and none is given) and, with ``evaluation`` (the
+    workflow), ``zoo/data/validation.txt`` its evaluation text. The CLI, the
+    Python API and the flows all apply it, so they behave alike.
+    """
+    if config.model is None:
+        return config
+    data = Path(config.model).parent / "data"
+    overrides: dict[str, Any] = {}
+    calib, validation = data / "calibration.txt", data / "validation.txt"
+    if config.quant.method != "rtn" and config.calib.source is None and calib.is_file():
+        overrides["calib.source"] = str(calib)
+    if evaluation and config.pipeline.eval_data is None and validation.is_file():
+        overrides["pipeline.eval_data"] = str(validation)
+    return with_overrides(config, overrides) if overrides else config

@@ -21,3 +21,11 @@ class CorpusError(LwqError):
 
 class ModelLoadError(LwqError):
     """A model directory cannot be loaded (missing weights, wrong tokenizer...)."""
+
+
+class NumericalError(LwqError):
+    """NaN or inf in activations or statistics; the message names the layer."""
+
+
+class ChecksumError(LwqError):
+    """A checkpoint file is missing, truncated or corrupted."""

@@ -7,12 +7,28 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lwq.errors import ModelLoadError
+from lwq.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+# Windows longer than this are not used by default (GPTQ/AWQ perplexity protocol).
+MAX_WINDOW = 2048
+
+
+def context_window(model_config: Any, requested: int | None = None) -> int:
+    """The one rule for token windows, for calibration and for every perplexity.
+
+    ``requested`` (calib.seq_len, ``--seq-len``) when given; otherwise the
+    model's context (``max_position_embeddings``) capped at 2048 tokens.
+    """
+    if requested is not None:
+        if requested < 2:
+            raise ConfigError(f"a window needs at least 2 tokens (got --seq-len {requested})")
+        return int(requested)
+    context = getattr(model_config, "max_position_embeddings", None) or MAX_WINDOW
+    return int(min(MAX_WINDOW, context))
 
 
 def check_model_dir(path: Path, setting: str = "--model") -> None:

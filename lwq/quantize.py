@@ -1,37 +1,44 @@
-"""The quantization driver: one pass over the blocks, one packed checkpoint.
+"""The quantization driver: one block loop for every method, one packed checkpoint.
 
 The model's blocks are loaded one at a time (``lwq.loading``), their layers'
-Hessians collected (``lwq.stats``), each layer quantized (``lwq.quant``),
-written back so that later blocks see it in sequential mode, packed
+Hessians collected (``lwq.stats``), and every layer goes through the one
+``lwq.quant.layer.quantize_layer`` with the ``LayerJob`` a ``Plan`` gives it:
+a uniform grid (RTN, GPTQ) or the method's ratio (``MethodPlan``). Each layer
+is written back so that later blocks see it in sequential mode, packed
 (``lwq.pack``), and the block's file written before the next block is read.
+``assemble_checkpoint`` writes the same checkpoint from layers quantized one
+by one elsewhere (the workflow's parallel layer tasks).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
-from lwq.adapters import ModelAdapter
+from lwq.adapters import ModelAdapter, adapter_for
 from lwq.calibration import CalibrationSet, build_calibration_set
-from lwq.config import LwqConfig
-from lwq.loading import LazyCausalLM, SafetensorsIndex
-from lwq.method.driver import MethodState
-from lwq.models import check_model_dir, check_tokenizer
+from lwq.config import LwqConfig, with_zoo_defaults
+from lwq.errors import LwqError
+from lwq.loading import LazyCausalLM, SafetensorsIndex, empty_model
+from lwq.method.qp import Allocation
+from lwq.method.state import MethodState, allocate, allocation_report, prepare
+from lwq.models import check_model_dir, check_tokenizer, context_window, load_model_dir
 from lwq.pack.checkpoint import CheckpointWriter, check_output_dir
 from lwq.pack.layer import PackedLayer, pack_layer
-from lwq.quant.gptq import GPTQSettings, gptq_quantize
+from lwq.pack.manifest import AllocationReport, CalibrationInfo, Manifest, QuantizationInfo
+from lwq.provenance import code_version
 from lwq.quant.grid import GridSpec
-from lwq.quant.rtn import rtn_quantize
-from lwq.quant.types import QuantizedWeight
+from lwq.quant.layer import LayerJob, quantize_layer
 from lwq.stats import iter_block_stats
 
-log = logging.getLogger(__name__)
+
+def driver_code_version() -> str:
+    """The code version of everything a quantization run executes."""
+    return code_version("lwq.quantize")
 
 
 @dataclass(frozen=True)
@@ -39,41 +46,101 @@ class LayerReport:
     name: str
     shape: tuple[int, int]
     gptq_loss: float | None  # GPTQ's proxy loss; None for RTN
+    output_error: float | None  # relative output error, when the plan measures it
     seconds: float
 
 
 @dataclass(frozen=True)
 class QuantizeReport:
     out: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     seconds: float
     layers: list[LayerReport] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
 
     @property
     def bits(self) -> float:
-        return float(self.manifest["bits"]["from_bytes"])
+        return self.manifest.bits.from_bytes
 
 
-def default_seq_len(model_config: Any, requested: int | None) -> int:
-    if requested is not None:
-        return requested
-    return int(min(2048, getattr(model_config, "max_position_embeddings", 2048)))
+class Plan(Protocol):
+    """What each layer gets: the seam between the driver and a method."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def measure_error(self) -> bool:
+        """Report each layer's relative output error."""
+        ...
+
+    def job(self, name: str) -> LayerJob: ...
+
+    def allocation(self, errors: dict[str, float | None]) -> AllocationReport | None: ...
 
 
-def quantize_layer(
-    name: str, W: torch.Tensor, H: torch.Tensor | None, config: LwqConfig
-) -> tuple[QuantizedWeight, float | None]:
-    """Quantize one (d_out, d_in) weight with the configured method."""
+@dataclass(frozen=True)
+class UniformPlan:
+    """RTN or GPTQ: every layer on one grid."""
+
+    method: str
+    spec: GridSpec
+    measure_error: bool = False
+
+    def job(self, name: str) -> LayerJob:
+        return LayerJob(name, self.spec)
+
+    def allocation(self, errors: dict[str, float | None]) -> AllocationReport | None:
+        return None
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """The layer-wise method: each layer at its ratio of the allocation."""
+
+    state: MethodState
+    alloc: Allocation
+    method: str = "lwq"
+    measure_error: bool = True
+
+    def job(self, name: str) -> LayerJob:
+        return self.state.job(name, self.alloc.ratios[self.alloc.names.index(name)])
+
+    def allocation(self, errors: dict[str, float | None]) -> AllocationReport | None:
+        return allocation_report(self.state, self.alloc, errors)
+
+
+def plan_for(
+    config: LwqConfig, state: MethodState | None = None, budget: float | None = None
+) -> Plan:
+    """The plan of ``config``'s method (the method needs its prepared ``state``)."""
     q = config.quant
-    spec = GridSpec(q.bits, q.group_size, q.symmetric)
-    if q.method == "rtn":
-        return rtn_quantize(W, spec), None
-    assert H is not None, "GPTQ needs the layer's Hessian"
-    g = config.gptq
-    settings = GPTQSettings(g.block_size, g.damp, g.act_order, g.static_groups)
-    res = gptq_quantize(W, H, spec, settings, name=name)
-    return res.weight, res.loss
+    if q.method != "lwq":
+        return UniformPlan(q.method, GridSpec(q.bits, q.group_size, q.symmetric))
+    if state is None:
+        raise ValueError("the layer-wise method needs its prepared MethodState")
+    return MethodPlan(state, allocate(state, config, budget))
+
+
+def quantization_info(
+    config: LwqConfig, calib: CalibrationSet | None, mode: str | None
+) -> QuantizationInfo:
+    info = None
+    if calib is not None:
+        info = CalibrationInfo(
+            source=calib.source,
+            n_samples=calib.n_samples,
+            seq_len=calib.seq_len,
+            seed=calib.seed,
+            sha256=calib.sha256,
+        )
+    return QuantizationInfo(
+        method=config.quant.method,
+        mode=mode,  # type: ignore[arg-type]
+        settings=config.model_dump(mode="json", exclude={"pipeline"}),
+        calibration=info,
+        code_version=driver_code_version(),
+    )
 
 
 def unquantized_tensors(
@@ -90,120 +157,149 @@ def unquantized_tensors(
     return out
 
 
-def prepare_lwq(
-    config: LwqConfig, progress: bool = True
-) -> tuple[Any, Any, CalibrationSet, MethodState, int]:
-    """Load the model, build the calibration set, compute the method's state.
-
-    Returns (full-precision model, tokenizer, calibration set, state, seq_len).
-    """
-    from lwq.adapters import adapter_for
-    from lwq.method.driver import prepare
-    from lwq.models import load_model_dir
-
-    model_dir = Path(str(config.model))
-    model, tokenizer = load_model_dir(model_dir, device=config.device)
-    check_tokenizer(tokenizer, int(model.config.vocab_size), model_dir)
-    c = config.calib
-    seq_len = default_seq_len(model.config, c.seq_len)
-    calib = build_calibration_set(tokenizer, str(c.source), c.n_samples, seq_len, c.seed)
-    state = prepare(model, adapter_for(model.config.model_type), calib, config, progress)
-    return model, tokenizer, calib, state, seq_len
-
-
-def quantize_lwq(config: LwqConfig, progress: bool = True) -> QuantizeReport:
-    """``--method lwq``: sensitivity profile, QP allocation, mixed 4/2-bit layers."""
-    from lwq.method.driver import allocate, quantize_allocation
-
+def quantize_model(
+    model_dir: Path,
+    out: Path,
+    plan: Plan,
+    calib: CalibrationSet | None,
+    config: LwqConfig,
+    progress: bool = True,
+) -> QuantizeReport:
+    """The block loop: every layer of every block through ``quantize_layer``."""
     t0 = time.perf_counter()
-    model_dir, out = Path(str(config.model)), Path(str(config.out))
-    model, _, calib, state, _ = prepare_lwq(config, progress)
-    del model
-    alloc = allocate(state, config)
-    manifest = quantize_allocation(model_dir, out, state, alloc, calib, config, progress)
-    return QuantizeReport(out.resolve(), manifest, time.perf_counter() - t0)
+    check_output_dir(out, config.overwrite)
+    gptq = None if plan.method == "rtn" else config.gptq.settings()
+    lwc = config.method.lwc() if plan.method == "lwq" else None
+    mode = config.calib.block_mode
+    source = LazyCausalLM(model_dir, device=config.device)
+    adapter = source.adapter
+    layers: list[LayerReport] = []
+    block_seconds: list[float] = []
+    try:
+        with CheckpointWriter(out, model_dir, config.overwrite) as writer:
+            tb = time.perf_counter()
+            steps = iter_block_stats(source, calib, mode, config.calib.batch_size, progress)
+            for step in steps:
+                packed = []
+                for name, mod in step.layers.items():
+                    t = time.perf_counter()
+                    W = adapter.read_weight(mod)  # (d_out, d_in) float32
+                    res = quantize_layer(
+                        W, step.hessians.get(name), plan.job(name), gptq, lwc, plan.measure_error
+                    )
+                    adapter.write_weight(mod, res.weight.dequantize())  # later blocks see it
+                    packed.append(pack_layer(name, res.weight))
+                    layers.append(
+                        LayerReport(
+                            name,
+                            res.weight.shape,
+                            res.gptq_loss,
+                            res.output_error,
+                            time.perf_counter() - t,
+                        )
+                    )
+                writer.add_block(step.index, packed)
+                block_seconds.append(time.perf_counter() - tb)
+                tb = time.perf_counter()
+            names = {r.name for r in layers}
+            writer.add_rest(unquantized_tensors(source.index, adapter, names))
+            manifest = writer.finish(
+                source.model.config.to_dict(),
+                quantization_info(config, calib, None if calib is None else mode),
+                plan.allocation({r.name: r.output_error for r in layers}),
+            )
+    finally:
+        source.close()
+    return QuantizeReport(out.resolve(), manifest, time.perf_counter() - t0, layers, block_seconds)
+
+
+def assemble_checkpoint(
+    model_dir: Path,
+    out: Path,
+    packed: list[PackedLayer],
+    plan: Plan,
+    calib: CalibrationSet | None,
+    config: LwqConfig,
+    errors: dict[str, float | None],
+) -> Manifest:
+    """A checkpoint from layers quantized independently (parallel mode, e.g. by a flow)."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(model_dir)
+    adapter = adapter_for(model_config.model_type)
+    blocks: dict[int, list[PackedLayer]] = {}
+    skeleton = empty_model(model_config)  # meta tensors: the layer names, no weights
+    order = {name: i for i, name in enumerate(adapter.layer_names(skeleton))}
+    unknown = [p.name for p in packed if p.name not in order]
+    if unknown:
+        raise LwqError(f"{unknown[0]} is not a quantizable layer of {model_dir}")
+    missing = sorted(set(order) - {p.name for p in packed}, key=order.__getitem__)
+    if missing:
+        raise LwqError(f"{len(missing)} layers were not quantized, e.g. {missing[0]}")
+    for p in sorted(packed, key=lambda p: order[p.name]):  # model order within each block
+        blocks.setdefault(adapter.block_index(p.name), []).append(p)
+    index = SafetensorsIndex(model_dir)
+    with CheckpointWriter(out, model_dir, config.overwrite) as writer:
+        for i in sorted(blocks):
+            writer.add_block(i, blocks[i])
+        writer.add_rest(unquantized_tensors(index, adapter, set(order)))
+        return writer.finish(
+            model_config.to_dict(),
+            quantization_info(config, calib, None if calib is None else "parallel"),
+            plan.allocation(errors),
+        )
+
+
+def calibration_set(config: LwqConfig, tokenizer: Any, model_config: Any) -> CalibrationSet:
+    """The configured calibration windows (seq_len by ``context_window``)."""
+    c = config.calib
+    config.require("calib.source")
+    seq_len = context_window(model_config, c.seq_len)
+    return build_calibration_set(tokenizer, str(c.source), c.n_samples, seq_len, c.seed)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every budget of the method shares: the calibration set and the state."""
+
+    calib: CalibrationSet
+    state: MethodState
+
+
+def prepare_method(
+    model: Any, tokenizer: Any, config: LwqConfig, progress: bool = True
+) -> Prepared:
+    """The calibration set and the method's state of a full-precision ``model``."""
+    calib = calibration_set(config, tokenizer, model.config)
+    state = prepare(model, adapter_for(model.config.model_type), calib, config, None, progress)
+    return Prepared(calib, state)
 
 
 def quantize(config: LwqConfig, progress: bool = True) -> QuantizeReport:
-    """Quantize ``config.model`` into ``config.out``; returns what was measured."""
-    from transformers import AutoTokenizer
-
+    """Quantize ``config.model`` into ``config.out`` with its method; what was measured."""
     t0 = time.perf_counter()
+    config.check_for("quantize")
+    config = with_zoo_defaults(config)
     config.require("model", "out")
     if config.quant.method != "rtn":
         config.require("calib.source")
     model_dir, out = Path(str(config.model)), Path(str(config.out))
     check_model_dir(model_dir)
     check_output_dir(out, config.overwrite)  # before any expensive work
+    calib, state = None, None
     if config.quant.method == "lwq":
-        return quantize_lwq(config, progress)
-    source = LazyCausalLM(model_dir, device=config.device)
-    adapter = source.adapter
-    calib: CalibrationSet | None = None
-    if config.quant.method != "rtn":
+        model, tokenizer = load_model_dir(model_dir, device=config.device)
+        prep = prepare_method(model, tokenizer, config, progress)
+        del model
+        calib, state = prep.calib, prep.state
+    elif config.quant.method == "gptq":
+        from transformers import AutoConfig, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        check_tokenizer(tokenizer, int(source.model.config.vocab_size), model_dir)
-        c = config.calib
-        seq_len = default_seq_len(source.model.config, c.seq_len)
-        calib = build_calibration_set(tokenizer, str(c.source), c.n_samples, seq_len, c.seed)
-    layer_reports: list[LayerReport] = []
-    block_seconds: list[float] = []
-
-    def quantize_block(
-        index: int, layers: dict[str, Any], hessians: dict[str, torch.Tensor]
-    ) -> list[PackedLayer]:
-        packed = []
-        for name, mod in layers.items():
-            t = time.perf_counter()
-            W = adapter.read_weight(mod)
-            qw, loss = quantize_layer(name, W, hessians.get(name), config)
-            adapter.write_weight(mod, qw.dequantize())  # later blocks see it (sequential)
-            packed.append(pack_layer(name, qw))
-            layer_reports.append(LayerReport(name, qw.shape, loss, time.perf_counter() - t))
-        return packed
-
-    try:
-        with CheckpointWriter(out, model_dir, config.overwrite) as writer:
-            tb = time.perf_counter()
-            if calib is None:  # RTN needs no statistics: just walk the blocks
-                source.after_capture()  # RTN needs no embeddings at all
-                n_blocks = len(source.blocks)
-                for i in tqdm(range(n_blocks), desc="blocks (rtn)", disable=not progress):
-                    with source.block(i) as block:
-                        layers = {
-                            f"{adapter.blocks}.{i}.{n}": m
-                            for n, m in adapter.block_linears(block).items()
-                        }
-                        writer.add_block(i, quantize_block(i, layers, {}))
-                    block_seconds.append(time.perf_counter() - tb)
-                    tb = time.perf_counter()
-            else:
-                for step in iter_block_stats(
-                    source, calib, config.calib.mode, config.calib.batch_size, progress
-                ):
-                    writer.add_block(
-                        step.index, quantize_block(step.index, step.layers, step.hessians)
-                    )
-                    block_seconds.append(time.perf_counter() - tb)
-                    tb = time.perf_counter()
-            quantized = {r.name for r in layer_reports}
-            writer.add_rest(unquantized_tensors(source.index, adapter, quantized))
-            quantization = {
-                "method": config.quant.method,
-                "settings": config.model_dump(mode="json"),
-                "calibration": None
-                if calib is None
-                else {
-                    "source": calib.source,
-                    "n_samples": calib.n_samples,
-                    "seq_len": calib.seq_len,
-                    "seed": calib.seed,
-                    "sha256": calib.sha256,
-                },
-            }
-            manifest = writer.finish(source.model.config.to_dict(), quantization)
-    finally:
-        source.close()
+        model_config = AutoConfig.from_pretrained(model_dir)
+        check_tokenizer(tokenizer, int(model_config.vocab_size), model_dir)
+        calib = calibration_set(config, tokenizer, model_config)
+    report = quantize_model(model_dir, out, plan_for(config, state), calib, config, progress)
     return QuantizeReport(
-        out.resolve(), manifest, time.perf_counter() - t0, layer_reports, block_seconds
+        report.out, report.manifest, time.perf_counter() - t0, report.layers, report.block_seconds
     )

@@ -24,14 +24,10 @@ from tqdm.auto import tqdm
 
 from lwq.adapters import ModelAdapter
 from lwq.calibration import CalibrationSet
-from lwq.errors import LwqError
+from lwq.errors import LwqError, NumericalError
 from lwq.memory import release
 
 Mode = Literal["parallel", "sequential"]
-
-
-class NumericalError(LwqError):
-    """NaN or inf in activations or statistics; the message names the layer."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +197,7 @@ class BlockStats:
 
 def iter_block_stats(
     source: BlockSource,
-    calib: CalibrationSet,
+    calib: CalibrationSet | None,
     mode: Mode = "parallel",
     batch_size: int = 8,
     progress: bool = True,
@@ -211,37 +207,53 @@ def iter_block_stats(
     The consumer may change the block's weights (quantize them) before asking
     for the next block: in ``sequential`` mode the next block then sees the
     changed block's outputs; in ``parallel`` mode it sees full-precision ones.
+    Without a calibration set (RTN) the blocks are only loaded, one at a time,
+    with no Hessians.
     """
     if mode not in ("parallel", "sequential"):
         raise LwqError(f"calibration mode must be 'parallel' or 'sequential', not {mode!r}")
     adapter = source.adapter
-    inputs = capture_block_inputs(source, calib.batches(batch_size))
+    inputs = None if calib is None else capture_block_inputs(source, calib.batches(batch_size))
     source.after_capture()
     n_blocks = len(adapter.get_blocks(source.model))
-    for i in tqdm(range(n_blocks), desc=f"blocks ({mode})", disable=not progress, unit="block"):
+    desc = "blocks" if inputs is None else f"blocks ({mode})"
+    for i in tqdm(range(n_blocks), desc=desc, disable=not progress, unit="block"):
         with source.block(i) as block:
-            linears = adapter.block_linears(block)
-            prefix = f"{adapter.blocks}.{i}."
-            leaders = {prefix + g[0]: linears[g[0]] for g in adapter.input_groups}
-            with HessianHooks(leaders) as hooks:
-                outputs = run_block(block, inputs)  # full-precision outputs
-            states = hooks.result()
-            hessians = {}
-            for group in adapter.input_groups:
-                for name in group:
-                    hessians[prefix + name] = states[prefix + group[0]].H
-            for out in outputs:
-                if not torch.isfinite(out).all():
-                    raise NumericalError(f"block {i} produced NaN or inf activations")
-            yield BlockStats(
-                index=i,
-                block=block,
-                layers={prefix + n: m for n, m in linears.items()},
-                hessians=hessians,
-                n_tokens=states[prefix + adapter.input_groups[0][0]].n_tokens,
-            )
-            if mode == "sequential":
-                outputs = run_block(block, inputs)  # after the consumer quantized it
-        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
-        del states, hessians, hooks
+            linears = {adapter.layer_name(i, n): m for n, m in adapter.block_linears(block).items()}
+            if inputs is None:
+                yield BlockStats(i, block, linears, hessians={}, n_tokens=0)
+            else:
+                step, outputs = _block_stats(i, block, linears, inputs, adapter)
+                yield step
+                if mode == "sequential":
+                    outputs = run_block(block, inputs)  # after the consumer quantized it
+                inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
+                del step
         release()  # the block's weights, Hessians and activations go back to the OS
+
+
+def _block_stats(
+    i: int,
+    block: nn.Module,
+    linears: dict[str, nn.Module],
+    inputs: BlockInputs,
+    adapter: ModelAdapter,
+) -> tuple[BlockStats, list[torch.Tensor]]:
+    """One block's Hessians (one per input group) and its full-precision outputs."""
+    leaders = {
+        adapter.layer_name(i, g[0]): linears[adapter.layer_name(i, g[0])]
+        for g in adapter.input_groups
+    }
+    with HessianHooks(leaders) as hooks:
+        outputs = run_block(block, inputs)
+    states = hooks.result()
+    hessians = {
+        adapter.layer_name(i, name): states[adapter.layer_name(i, group[0])].H
+        for group in adapter.input_groups
+        for name in group
+    }
+    for out in outputs:
+        if not torch.isfinite(out).all():
+            raise NumericalError(f"block {i} produced NaN or inf activations")
+    n_tokens = next(iter(states.values())).n_tokens
+    return BlockStats(i, block, linears, hessians, n_tokens), outputs

@@ -17,9 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lwq.config import LwqConfig
+from lwq.config import LwqConfig, with_zoo_defaults
 from lwq.errors import ConfigError
+from lwq.eval.perplexity import perplexity_of_text
+from lwq.models import check_model_dir, context_window, load_model_dir
+from lwq.pack.checkpoint import check_output_dir, load_quantized
 from lwq.plots import allocation_plot, pareto_front, pareto_plot
+from lwq.quantize import MethodPlan, plan_for, prepare_method, quantize_model
+from lwq.textio import read_text
 
 
 @dataclass(frozen=True)
@@ -70,56 +75,60 @@ def sweep(
     eval_data: Path | None = None,
     progress: bool = True,
 ) -> SweepReport:
-    """Quantize ``config.model`` at every budget, sharing the sensitivity profile."""
-    from lwq.eval.perplexity import perplexity_of_text
-    from lwq.method.driver import allocate, quantize_allocation
-    from lwq.models import check_model_dir
-    from lwq.pack.checkpoint import check_output_dir, load_quantized
-    from lwq.quantize import prepare_lwq
-    from lwq.textio import read_text
+    """Quantize ``config.model`` at every budget, sharing the sensitivity profile.
 
+    Perplexities on ``eval_data`` use ``lwq.models.context_window`` (the model's
+    context capped at 2048), as every other command does.
+    """
     t0 = time.perf_counter()
     if not budgets:
         raise ConfigError("--bits: give at least one budget, e.g. --bits 2.25,2.5,3.0")
     if len(set(budgets)) != len(budgets):
         raise ConfigError(f"--bits {budgets}: a budget is repeated")
+    config.check_for("sweep")
+    config = with_zoo_defaults(config)
     config.require("model", "out", "calib.source")
     model_dir, out = Path(str(config.model)), Path(str(config.out))
     check_model_dir(model_dir)
     for b in budgets:
         check_output_dir(checkpoint_dir(out, b), config.overwrite)
     text = None if eval_data is None else read_text(eval_data, "--data")
-    model, tokenizer, calib, state, seq_len = prepare_lwq(config, progress)
+    model, tokenizer = load_model_dir(model_dir, device=config.device)
+    prep = prepare_method(model, tokenizer, config, progress)
+    window = context_window(model.config)
     fp_ppl = None
     if text is not None:
-        fp_ppl = perplexity_of_text(model, tokenizer, text, seq_len, batch_size=8).perplexity
+        fp_ppl = perplexity_of_text(model, tokenizer, text, window, batch_size=8).perplexity
     del model
     prepare_seconds = time.perf_counter() - t0
     # Solve every budget first: an infeasible one fails before anything is written.
-    allocs = [allocate(state, config, b) for b in budgets]
+    plans = [plan_for(config, prep.state, b) for b in budgets]
     rows = []
-    for b, alloc in zip(budgets, allocs, strict=True):
+    for b, plan in zip(budgets, plans, strict=True):
         t = time.perf_counter()
         dest = checkpoint_dir(out, b)
-        manifest = quantize_allocation(model_dir, dest, state, alloc, calib, config, progress)
+        report = quantize_model(model_dir, dest, plan, prep.calib, config, progress)
         ppl = None
         if text is not None:
             qmodel, qtok, _ = load_quantized(dest, device=config.device)
-            ppl = perplexity_of_text(qmodel, qtok, text, seq_len, batch_size=8).perplexity
+            ppl = perplexity_of_text(qmodel, qtok, text, window, batch_size=8).perplexity
+        assert isinstance(plan, MethodPlan)
         rows.append(
             SweepRow(
                 b,
                 dest,
-                float(manifest["bits"]["from_bytes"]),
-                alloc.predicted_loss,
+                report.bits,
+                plan.alloc.predicted_loss,
                 ppl,
                 time.perf_counter() - t,
-                alloc.ratios,
+                plan.alloc.ratios,
             )
         )
-    report = SweepReport(out, rows, state.names, fp_ppl, prepare_seconds, time.perf_counter() - t0)
-    write_sweep_files(report)
-    return report
+    report_ = SweepReport(
+        out, rows, prep.state.names, fp_ppl, prepare_seconds, time.perf_counter() - t0
+    )
+    write_sweep_files(report_)
+    return report_
 
 
 def write_sweep_files(report: SweepReport) -> None:

@@ -1,14 +1,19 @@
 """The flow's stages as Prefect tasks: each calls one ``lwq`` function.
 
-Caching (``INPUTS + TASK_SOURCE``, results persisted under the work folder) is
-keyed by content: every task takes the SHA-256 of what it reads (model weight
-files, calibration set, method state) and the config section that matters to
-it, and excludes the paths it reads them from, so moving a folder does not
-invalidate a cache and changing a file does. Large objects (calibration set,
-method state with its Hessians, packed layers, checkpoints) are written to the
-work folder under content-derived names and travel between tasks as paths;
-only small typed objects (``Allocation``, ``EvalReport``) are task results.
-Retries are declared only on the I/O tasks (upload, register).
+Caching is keyed by content and by code. Every task takes the SHA-256 of what
+it reads (model weight files, calibration set, method state) and the config
+section that matters to it, and excludes the paths it reads them from, so
+moving a folder does not invalidate a cache and changing a file does. The key
+also holds the task's own source (``TASK_SOURCE``) and the code version of the
+lwq modules the stage runs (``LwqCode``: their sources, transitively, and the
+versions of torch and friends), so after a fix in ``lwq/quant/gptq.py`` every
+stage that quantizes recomputes while calibration stays cached.
+
+Large objects (calibration set, method state, Hessians, packed layers,
+checkpoints) are written to the work folder in safetensors/JSON under names
+derived from the same keys, and travel between tasks as paths; the task
+results are small typed, frozen, versioned records. Retries are declared only
+on the I/O tasks (upload, register).
 """
 
 from __future__ import annotations
@@ -22,18 +27,59 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 from lwq.config import LwqConfig, PipelineConfig
 from lwq.method.qp import Allocation
+from lwq.provenance import code_version
+
+# The lwq modules each stage runs: their code version is part of its cache key.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "calibrate": ("lwq.calibration", "lwq.models"),
+    "sensitivity": ("lwq.method.state", "lwq.models"),
+    "solve": ("lwq.method.state",),
+    "quantize-layer": ("lwq.method.state", "lwq.quant.layer", "lwq.loading", "lwq.pack.layer"),
+    "pack": ("lwq.quantize", "lwq.pack.layer"),
+    "evaluate": ("lwq.pack.checkpoint", "lwq.eval.perplexity", "lwq.models"),
+}
+RESULT_VERSION = 2  # of the records below; part of every cache key
+
+
+def stage_code(stage: str) -> str:
+    return code_version(*STAGE_CODE[stage])
+
+
+def pipeline_code() -> str:
+    """The code version of the whole pipeline: part of a run's fingerprint."""
+    return code_version(*sorted({m for mods in STAGE_CODE.values() for m in mods}))
+
+
+@dataclass
+class LwqCode(CachePolicy):
+    """Cache key part: the code version of the lwq modules a stage runs."""
+
+    stage: str = ""
+
+    def compute_key(
+        self,
+        task_ctx: Any,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str:
+        return f"{stage_code(self.stage)}-v{RESULT_VERSION}"
+
 
 # Paths, the work folder and whole configs are read, never hashed.
 PATHS = ("model_dir", "work", "calib_path", "state_dir", "layer_files", "ckpt", "config")
-CACHED = INPUTS + TASK_SOURCE
-for _name in PATHS:
-    CACHED = CACHED - _name  # type: ignore[operator]
+
+
+def cached(stage: str) -> Any:
+    policy = INPUTS + TASK_SOURCE
+    for name in PATHS:
+        policy = policy - name  # type: ignore[operator]
+    return policy + LwqCode(stage=stage)
 
 
 def digest(obj: Any) -> str:
@@ -49,12 +95,20 @@ class Fingerprint:
     source_sha: str  # the calibration text
     config_sha: str  # the settings that change the result (not where things go)
     eval_sha: str | None  # the evaluation text
+    code_sha: str  # the pipeline's lwq code and library versions
     budget: float | None = None
 
     @property
     def run(self) -> str:
         """Identifies a finished run: the registry holds one version per value."""
-        parts = [self.model_sha, self.source_sha, self.config_sha, self.eval_sha, self.budget]
+        parts = [
+            self.model_sha,
+            self.source_sha,
+            self.config_sha,
+            self.eval_sha,
+            self.code_sha,
+            self.budget,
+        ]
         return digest(parts)[:16]
 
     def for_budget(self, budget: float) -> Fingerprint:
@@ -73,9 +127,18 @@ def source_sha256(source: str) -> str:
     return digest(source)  # a hub dataset: its name and revision are its identity
 
 
+def result_settings(config: LwqConfig) -> dict[str, Any]:
+    """The settings that change the checkpoint: not where things go, not the budget."""
+    settings = config.model_dump(mode="json", exclude={"out", "overwrite", "pipeline"})
+    settings["method"].pop("budget")
+    if config.quant.method == "lwq":
+        settings.pop("quant")  # the method's grids are method.*
+    return settings
+
+
 @task(name="fingerprint")
 def fingerprint(config: LwqConfig) -> Fingerprint:
-    """Hash the model's weights, the calibration and evaluation texts, the settings."""
+    """Hash the model's weights, the calibration and evaluation texts, settings and code."""
     from lwq.hashing import file_sha256
     from lwq.models import check_model_dir
     from lwq.pack.checkpoint import weights_sha256
@@ -83,23 +146,53 @@ def fingerprint(config: LwqConfig) -> Fingerprint:
     config.require("model", "calib.source")
     model_dir = Path(str(config.model))
     check_model_dir(model_dir)
-    settings = config.model_dump(mode="json", exclude={"out", "overwrite", "pipeline"})
-    settings["method"].pop("budget")
     data = config.pipeline.eval_data
     return Fingerprint(
         weights_sha256(model_dir),
         source_sha256(str(config.calib.source)),
-        digest(settings),
+        digest(result_settings(config)),
         None if data is None else file_sha256(Path(data)),
+        pipeline_code(),
     )
+
+
+@dataclass(frozen=True)
+class CalibrationRef:
+    path: str  # the calibration set (safetensors)
+    sha256: str  # of its tokens
+    seconds: float
+    version: int = RESULT_VERSION
+
+
+@dataclass(frozen=True)
+class StateRef:
+    path: str  # the method state folder (state.json, state.safetensors, hessians/)
+    key: str  # content and code identity of the state
+    seconds: float
+    version: int = RESULT_VERSION
+
+
+@dataclass(frozen=True)
+class Solution:
+    allocation: Allocation
+    order: tuple[int, ...]  # layer indices, largest first: mapped over workers, they end together
+    version: int = RESULT_VERSION
 
 
 @dataclass(frozen=True)
 class LayerResult:
     name: str
-    path: str  # the packed layer (torch.save of PackedLayer)
-    output_error: float
+    path: str  # the packed layer (safetensors)
+    output_error: float | None
     seconds: float
+    version: int = RESULT_VERSION
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    path: str  # the packed checkpoint folder
+    manifest_sha256: str
+    version: int = RESULT_VERSION
 
 
 @dataclass(frozen=True)
@@ -110,57 +203,58 @@ class EvalReport:
     bits_model: float
     predicted_kl: float
     seconds: float
-    version: int = 1
+    window: int | None = None  # tokens per perplexity window (lwq.models.context_window)
+    version: int = RESULT_VERSION
 
 
 @functools.lru_cache(maxsize=4)
-def _state(state_dir: str, stamp: tuple[int, int]) -> Any:
-    from lwq.method.driver import load_state
+def _state(state_dir: str, code: str, stamp: tuple[int, int]) -> Any:
+    from lwq.method.state import load_state
 
-    return load_state(Path(state_dir))
+    return load_state(Path(state_dir), expect_code=code)
 
 
 def method_state(state_dir: str) -> Any:
     """The method state of ``state_dir``, read once per process and kept.
 
-    A state folder is named by the content hash of its inputs and written once,
-    so a layer task (thousands per model, many per worker) need not unpickle it
-    again; the file's size and time stamp guard against a folder rewritten.
+    A state folder is named by the content hash of its inputs and code and
+    written once, so a layer task (thousands per model, many per worker) need
+    not read it again; the file's size and time stamp guard against a folder
+    rewritten, and a state of other code is refused.
     """
-    from lwq.method.driver import STATE_FILE
+    from lwq.method.state import STATE_JSON, method_code_version
 
-    st = (Path(state_dir) / STATE_FILE).stat()
-    return _state(state_dir, (st.st_mtime_ns, st.st_size))
+    st = (Path(state_dir) / STATE_JSON).stat()
+    return _state(state_dir, method_code_version(), (st.st_mtime_ns, st.st_size))
 
 
 def _timed(start: float) -> float:
     return round(time.perf_counter() - start, 3)
 
 
-@task(name="calibrate", cache_policy=CACHED, persist_result=True)
+@task(name="calibrate", cache_policy=cached("calibrate"), persist_result=True)
 def calibrate(
     model_dir: str, work: str, model_sha: str, source_sha: str, calib: dict[str, Any]
-) -> tuple[str, str, float]:
-    """Calibration windows -> (path, content SHA-256, seconds)."""
+) -> CalibrationRef:
+    """The calibration windows, saved under their content hash."""
     from transformers import AutoConfig, AutoTokenizer
 
     from lwq.calibration import build_calibration_set
-    from lwq.models import check_tokenizer
-    from lwq.quantize import default_seq_len
+    from lwq.models import check_tokenizer, context_window
 
     t = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(model_dir)
     mcfg = AutoConfig.from_pretrained(model_dir)
     check_tokenizer(tok, int(mcfg.vocab_size), Path(model_dir))
-    seq_len = default_seq_len(mcfg, calib["seq_len"])
+    seq_len = context_window(mcfg, calib["seq_len"])
     cs = build_calibration_set(tok, calib["source"], calib["n_samples"], seq_len, calib["seed"])
-    path = Path(work) / "calibration" / f"{cs.sha256[:24]}.pt"
+    path = Path(work) / "calibration" / f"{cs.sha256[:24]}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(cs, path)
-    return str(path), cs.sha256, _timed(t)
+    cs.save(path)
+    return CalibrationRef(str(path), cs.sha256, _timed(t))
 
 
-@task(name="sensitivity", cache_policy=CACHED, persist_result=True)
+@task(name="sensitivity", cache_policy=cached("sensitivity"), persist_result=True)
 def sensitivity(
     model_dir: str,
     work: str,
@@ -170,35 +264,37 @@ def sensitivity(
     calib_sha: str,
     method: dict[str, Any],
     gptq: dict[str, Any],
-) -> tuple[str, str, float]:
-    """Hessians, rankings, cost curves and the sensitivity profile -> (folder, key, s)."""
+) -> StateRef:
+    """Hessians (to disk), rankings, cost curves and the sensitivity profile."""
     from lwq.adapters import adapter_for
-    from lwq.method.driver import prepare, save_state
+    from lwq.calibration import CalibrationSet
+    from lwq.method.state import prepare, save_state
     from lwq.models import load_model_dir
 
     t = time.perf_counter()
-    key = digest([model_sha, calib_sha, method, gptq])[:24]
+    key = digest([model_sha, calib_sha, method, gptq, stage_code("sensitivity")])[:24]
+    out = Path(work) / "state" / key
     model, _ = load_model_dir(Path(model_dir), device=config.device)
-    calib = torch.load(calib_path, weights_only=False)
-    state = prepare(model, adapter_for(model.config.model_type), calib, config, progress=False)
-    out = save_state(state, Path(work) / "state" / key)
-    return str(out), key, _timed(t)
+    calib = CalibrationSet.load(Path(calib_path))
+    adapter = adapter_for(model.config.model_type)
+    state = prepare(model, adapter, calib, config, out / "hessians", progress=False)
+    save_state(state, out)
+    return StateRef(str(out), key, _timed(t))
 
 
-@task(name="solve", cache_policy=CACHED, persist_result=True)
+@task(name="solve", cache_policy=cached("solve"), persist_result=True)
 def solve(
     state_dir: str, config: LwqConfig, state_key: str, budget: float, method: dict[str, Any]
-) -> tuple[Allocation, list[int]]:
-    """The QP allocation for one budget, and the order to quantize its layers in
-    (largest first: mapped over workers, they finish together)."""
-    from lwq.method.driver import allocate, largest_first
+) -> Solution:
+    """The QP allocation for one budget, and the order to quantize its layers in."""
+    from lwq.method.state import allocate, largest_first
 
     state = method_state(state_dir)
-    return allocate(state, config, budget), largest_first(state)
+    return Solution(allocate(state, config, budget), tuple(largest_first(state)))
 
 
-@task(name="quantize-layer", cache_policy=CACHED, persist_result=True)
-def quantize_layer(
+@task(name="quantize-layer", cache_policy=cached("quantize-layer"), persist_result=True)
+def quantize_layer_task(
     model_dir: str,
     work: str,
     state_dir: str,
@@ -212,25 +308,26 @@ def quantize_layer(
 ) -> LayerResult:
     """One layer at its ratio, packed to a file."""
     from lwq.loading import read_layer_weights
-    from lwq.method.driver import gptq_settings, load_hessian, lwc_settings
-    from lwq.method.driver import quantize_layer as quantize_one
+    from lwq.method.state import HessianStore
     from lwq.pack.layer import pack_layer
+    from lwq.quant.layer import quantize_layer
 
     t = time.perf_counter()
     state = method_state(state_dir)
     W = read_layer_weights(Path(model_dir), [name])[name]
-    H = load_hessian(Path(state_dir), state, name)
-    qw, err = quantize_one(W, H, state, name, ratio, gptq_settings(config), lwc_settings(config))
-    key = digest([model_sha, state_key, name, ratio, gptq, method])[:24]
-    path = Path(work) / "layers" / f"{key}.pt"
+    H = HessianStore.open(Path(state_dir) / "hessians").get(name)
+    res = quantize_layer(
+        W, H, state.job(name, ratio), config.gptq.settings(), config.method.lwc(), True
+    )
+    code = stage_code("quantize-layer")
+    key = digest([model_sha, state_key, name, ratio, gptq, method, code])[:24]
+    path = Path(work) / "layers" / f"{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    torch.save(pack_layer(name, qw), tmp)
-    tmp.replace(path)
-    return LayerResult(name, str(path), err, _timed(t))
+    pack_layer(name, res.weight).save(path)
+    return LayerResult(name, str(path), res.output_error, _timed(t))
 
 
-@task(name="pack", cache_policy=CACHED, persist_result=True)
+@task(name="pack", cache_policy=cached("pack"), persist_result=True)
 def pack(
     model_dir: str,
     work: str,
@@ -240,23 +337,25 @@ def pack(
     config: LwqConfig,
     alloc: Allocation,
     layer_keys: list[Any],
-) -> tuple[str, str]:
-    """The packed checkpoint from the quantized layers -> (folder, manifest SHA-256)."""
+) -> CheckpointRef:
+    """The packed checkpoint from the quantized layers."""
+    from lwq.calibration import CalibrationSet
     from lwq.hashing import file_sha256
-    from lwq.method.driver import write_packed_checkpoint
     from lwq.pack.checkpoint import MANIFEST
+    from lwq.pack.layer import PackedLayer
+    from lwq.quantize import MethodPlan, assemble_checkpoint
 
-    state = method_state(state_dir)
-    calib = torch.load(calib_path, weights_only=False)
-    packed = [torch.load(r.path, weights_only=False) for r in layer_files]
+    plan = MethodPlan(method_state(state_dir), alloc)
+    calib = CalibrationSet.load(Path(calib_path))
+    packed = [PackedLayer.load(Path(r.path)) for r in layer_files]
     errors = {r.name: r.output_error for r in layer_files}
-    out = Path(work) / "checkpoints" / digest(layer_keys)[:24]
+    out = Path(work) / "checkpoints" / digest([*layer_keys, stage_code("pack")])[:24]
     cfg = config.model_copy(update={"overwrite": True})
-    write_packed_checkpoint(Path(model_dir), out, packed, state, alloc, calib, cfg, errors)
-    return str(out), file_sha256(out / MANIFEST)
+    assemble_checkpoint(Path(model_dir), out, packed, plan, calib, cfg, errors)
+    return CheckpointRef(str(out), file_sha256(out / MANIFEST))
 
 
-@task(name="evaluate", cache_policy=CACHED, persist_result=True)
+@task(name="evaluate", cache_policy=cached("evaluate"), persist_result=True)
 def evaluate(
     ckpt: str,
     model_dir: str,
@@ -266,29 +365,30 @@ def evaluate(
 ) -> EvalReport:
     """Perplexity before and after on ``pipeline.eval_data``, and the measured bits."""
     from lwq.eval.perplexity import perplexity_of_text
-    from lwq.models import load_model_dir
+    from lwq.models import context_window, load_model_dir
     from lwq.pack.checkpoint import load_quantized
     from lwq.textio import read_text
 
     t = time.perf_counter()
     qmodel, tok, manifest = load_quantized(Path(ckpt), device=config.device)
     ppl_fp = ppl = None
+    window = context_window(qmodel.config)
     data = config.pipeline.eval_data
     if data is not None:
         text = read_text(Path(data), "pipeline.eval_data")
-        seq = int(getattr(qmodel.config, "max_position_embeddings", 2048))
-        seq = min(seq, 2048)
-        ppl = perplexity_of_text(qmodel, tok, text, seq, batch_size=8).perplexity
+        ppl = perplexity_of_text(qmodel, tok, text, window, batch_size=8).perplexity
         del qmodel
         fp, _ = load_model_dir(Path(model_dir), device=config.device)
-        ppl_fp = perplexity_of_text(fp, tok, text, seq, batch_size=8).perplexity
+        ppl_fp = perplexity_of_text(fp, tok, text, window, batch_size=8).perplexity
+    alloc = manifest.allocation
     return EvalReport(
         ppl_fp,
         ppl,
-        float(manifest["bits"]["from_bytes"]),
-        float(manifest["bits"]["from_model"]),
-        float(manifest["allocation"]["predicted_kl"]),
+        manifest.bits.from_bytes,
+        manifest.bits.from_model,
+        float("nan") if alloc is None else alloc.predicted_kl,
         _timed(t),
+        window if data is not None else None,
     )
 
 

@@ -12,17 +12,16 @@ in messages.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from lwq.errors import LwqError
 from lwq.hashing import file_sha256
-from lwq.pack.checkpoint import MANIFEST, ChecksumError, read_manifest
+from lwq.pack.checkpoint import MANIFEST, ChecksumError, Manifest, read_manifest
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 
@@ -231,8 +230,8 @@ def open_store(location: str, endpoint_url: str | None = None, create: bool = Fa
 def upload_checkpoint(store: Store, ckpt: Path, key: str) -> str:
     """Every file of the checkpoint under ``key``, verified, the manifest last; its URI."""
     manifest = read_manifest(ckpt)  # checks every local file's SHA-256 first
-    for name, meta in sorted(manifest["files"].items()):
-        store.put(ckpt / name, f"{key}/{name}", meta["sha256"])
+    for name, meta in sorted(manifest.files.items()):
+        store.put(ckpt / name, f"{key}/{name}", meta.sha256)
     store.put(ckpt / MANIFEST, f"{key}/{MANIFEST}", file_sha256(ckpt / MANIFEST))
     return store.uri(key)
 
@@ -243,15 +242,16 @@ def download_checkpoint(store: Store, key: str, dest: Path) -> Path:
         read_manifest(dest)  # already here: verify and reuse
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    stage = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:12]}")
+    stage.mkdir(mode=0o777)  # minus the umask, like every other folder
     try:
         if not store.exists(f"{key}/{MANIFEST}"):
             raise StorageError(f"{store.uri(key)} holds no finished checkpoint (no manifest)")
         store.get(f"{key}/{MANIFEST}", stage / MANIFEST)
-        manifest: dict[str, Any] = json.loads((stage / MANIFEST).read_text(encoding="utf-8"))
-        for name, meta in manifest["files"].items():
+        manifest = Manifest.parse((stage / MANIFEST).read_text(encoding="utf-8"), store.uri(key))
+        for name, meta in manifest.files.items():
             store.get(f"{key}/{name}", stage / name)
-            if file_sha256(stage / name) != meta["sha256"]:
+            if file_sha256(stage / name) != meta.sha256:
                 raise ChecksumError(f"{store.uri(key)}/{name}: SHA-256 differs from the manifest")
         os.replace(stage, dest)
     finally:

@@ -26,6 +26,7 @@ from prefect import task
 
 from lwq.config import LwqConfig
 from lwq.errors import ConfigError, LwqError
+from lwq.pack.manifest import MANIFEST, Manifest
 from tasks.stages import EvalReport, Fingerprint
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -64,13 +65,13 @@ class LwqCheckpointModel(PythonModel):  # type: ignore[misc]
     ) -> list[float]:
         """Perplexity of each text (a column ``text`` or a list of strings)."""
         from lwq.eval.perplexity import perplexity_of_text
+        from lwq.models import context_window
 
         data: Any = model_input  # a list of strings, or a DataFrame with a text column
         texts = list(data["text"]) if hasattr(data, "columns") else list(data)
-        seq = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        window = context_window(self.model.config)
         return [
-            perplexity_of_text(self.model, self.tokenizer, t, min(seq, 2048), 8).perplexity
-            for t in texts
+            perplexity_of_text(self.model, self.tokenizer, t, window, 8).perplexity for t in texts
         ]
 
 
@@ -158,6 +159,22 @@ def _check_base_model(client: Any, name: str, fp: Fingerprint, force: bool) -> N
         )
 
 
+def _experiment_id(client: Any, config: LwqConfig) -> str:
+    """The experiment's id; a new one on a local store keeps its artifacts in the work folder.
+
+    MLflow's default artifact root for a local backend is ``./mlruns`` of the
+    working directory: a run would leave files wherever it was started.
+    """
+    name = config.pipeline.experiment
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    location = None
+    if not tracking_uri(config).startswith(("http://", "https://", "databricks")):
+        location = (Path(config.pipeline.work_dir).resolve() / "mlartifacts").as_uri()
+    return str(client.create_experiment(name, artifact_location=location))
+
+
 def _champion_moves(client: Any, name: str, report: EvalReport) -> bool:
     """A lower perplexity at no more bits than the champion (or no champion yet)."""
     try:
@@ -171,32 +188,24 @@ def _champion_moves(client: Any, name: str, report: EvalReport) -> bool:
     return report.perplexity < ppl and report.bits <= bits + 1e-9
 
 
-def _write_artifacts(
-    tmp: Path, manifest: dict[str, Any], report: EvalReport, ckpt: Path
-) -> list[Path]:
-    alloc = manifest["allocation"]
-    table = tmp / "allocation.csv"
-    with table.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["name", "ratio", "n_hi", "bits_per_weight", "predicted_loss", "output_error"])
-        for x in alloc["layers"]:
-            w.writerow(
-                [
-                    x["name"],
-                    x["ratio"],
-                    x["n_hi"],
-                    x["bits_per_weight"],
-                    x["predicted_loss"],
-                    x["output_error"],
-                ]
-            )
-    (tmp / "eval_report.json").write_text(json.dumps(asdict(report), indent=1), encoding="utf-8")
+def _write_artifacts(tmp: Path, manifest: Manifest, report: EvalReport, ckpt: Path) -> list[Path]:
     from lwq.plots import allocation_plot, pareto_plot
 
-    names = [x["name"] for x in alloc["layers"]]
-    ratios = [x["ratio"] for x in alloc["layers"]]
-    plot = allocation_plot(names, {f"{report.bits:.3f} bits": ratios}, tmp / "allocation.png")
-    files = [ckpt / "lwq_manifest.json", table, tmp / "eval_report.json", plot]
+    (tmp / "eval_report.json").write_text(json.dumps(asdict(report), indent=1), encoding="utf-8")
+    files = [ckpt / MANIFEST, tmp / "eval_report.json"]
+    alloc = manifest.allocation
+    if alloc is not None:
+        table = tmp / "allocation.csv"
+        columns = ["name", "ratio", "n_hi", "bits_per_weight", "predicted_loss", "output_error"]
+        with table.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(columns)
+            for x in alloc.layers:
+                w.writerow([getattr(x, c) for c in columns])
+        names = [x.name for x in alloc.layers]
+        ratios = [x.ratio for x in alloc.layers]
+        label = f"{report.bits:.3f} bits"
+        files += [table, allocation_plot(names, {label: ratios}, tmp / "allocation.png")]
     if report.perplexity is not None:
         files.append(
             pareto_plot(
@@ -232,7 +241,7 @@ def register(
     p = config.pipeline
     try:
         _check_base_model(client, name, fp, p.force_registry)
-        mlflow.set_experiment(p.experiment)
+        mlflow.set_experiment(experiment_id=_experiment_id(client, config))
         manifest = read_manifest(Path(ckpt))
         tags = {
             "lwq.git_commit": git_commit(),
@@ -240,6 +249,7 @@ def register(
             "lwq.checkpoint_uri": ckpt_uri,
             "lwq.base_model_sha256": fp.model_sha,
             "lwq.config_sha256": fp.config_sha,
+            "lwq.code_version": fp.code_sha,
             "lwq.run_fingerprint": fp.run,
         }
         with mlflow.start_run(run_name=f"lwq-{fp.run}", tags=tags) as run:
@@ -303,4 +313,4 @@ def register(
 def _manifest_sha(ckpt: Path) -> str:
     from lwq.hashing import file_sha256
 
-    return file_sha256(ckpt / "lwq_manifest.json")
+    return file_sha256(ckpt / MANIFEST)

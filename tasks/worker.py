@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 # What a layer task imports; tasks.stages brings Prefect's task engine.
-MODULES = ("tasks.stages", "lwq.loading", "lwq.method.driver", "lwq.pack.layer")
+MODULES = ("tasks.stages", "lwq.loading", "lwq.method.state", "lwq.quant.layer", "lwq.pack.layer")
 
 
 def dask_setup(worker: Any) -> None:

@@ -39,12 +39,20 @@ def test_bad_values_name_the_setting() -> None:
         make_config({"method": {"hi_bits": 2}})
     with pytest.raises(ConfigError, match=r"method\.r_mid=0\.3 must be below method\.r_max"):
         make_config({"method": {"r_mid": 0.3, "r_max": 0.2}})
-    assert make_config({"method": {"r_mid": 0.3, "r_max": 0.2, "curve": "chord"}})
+    with pytest.raises(ConfigError, match=r"method\.r_mid applies to method\.curve=power only"):
+        make_config({"quant": {"method": "lwq"}, "method": {"r_mid": 0.1, "curve": "chord"}})
+    with pytest.raises(ConfigError, match=r"method\.lwc_steps applies to method\.hi_refine=lwc"):
+        make_config({"quant": {"method": "lwq"}, "method": {"lwc_steps": 5}})
+    with pytest.raises(ConfigError, match=r"hi_refine=lwc .* does not apply to method\.hi_bits=16"):
+        make_config({"quant": {"method": "lwq"}, "method": {"hi_refine": "lwc", "hi_bits": 16}})
+    assert make_config({"quant": {"method": "lwq"}, "method": {"r_max": 0.2, "curve": "chord"}})
 
 
 def test_overrides_and_required() -> None:
     c = with_overrides(make_config({}), {"quant.bits": 2, "model": "m", "calib.seed": None})
     assert c.quant.bits == 2 and c.model == "m" and c.calib.seed == 0
+    # Overrides keep track of what was set, so later checks see only changed settings.
+    assert c.quant.model_fields_set == {"bits"} and c.calib.model_fields_set == set()
     with pytest.raises(ConfigError, match=r"out is required \(or --out\)"):
         c.require("model", "out")
 
@@ -56,3 +64,30 @@ def test_broken_yaml(tmp_path: Path) -> None:
         load_config(f)
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_commands_refuse_settings_they_would_ignore() -> None:
+    run_cfg = make_config({"quant": {"method": "lwq"}, "calib": {"mode": "sequential"}})
+    with pytest.raises(ConfigError, match=r"calib\.mode=sequential does not apply to lwq run"):
+        run_cfg.check_for("run")
+    run_cfg.check_for("quantize")
+    make_config({"quant": {"method": "lwq"}, "calib": {"mode": "parallel"}}).check_for("run")
+    with pytest.raises(ConfigError, match=r"out does not apply to lwq run"):
+        make_config({"quant": {"method": "lwq"}, "out": "x"}).check_for("run")
+    with pytest.raises(ConfigError, match=r"pipeline\.storage does not apply to lwq sweep"):
+        make_config({"quant": {"method": "lwq"}, "pipeline": {"storage": "s"}}).check_for("sweep")
+    with pytest.raises(ConfigError, match="lwq sweep runs the method"):
+        make_config({}).check_for("sweep")
+
+
+def test_one_window_rule_for_every_command() -> None:
+    from types import SimpleNamespace
+
+    from lwq.models import context_window
+
+    assert context_window(SimpleNamespace(max_position_embeddings=8192)) == 2048
+    assert context_window(SimpleNamespace(max_position_embeddings=256)) == 256
+    assert context_window(SimpleNamespace()) == 2048
+    assert context_window(SimpleNamespace(max_position_embeddings=8192), 512) == 512
+    with pytest.raises(ConfigError, match="--seq-len 1"):
+        context_window(SimpleNamespace(), 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import ZOO, ZOO_MODELS
 
-from lwq.cli import main
+from cli.main import main
 from lwq.errors import ModelLoadError
 from lwq.models import check_model_dir, load_model_dir
 

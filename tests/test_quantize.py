@@ -23,14 +23,14 @@ CALIB = ZOO / "data" / "calibration.txt"
 
 
 def _cfg(model: Path, out: Path, **quant: Any) -> Any:
-    return make_config(
-        {
-            "model": str(model),
-            "out": str(out),
-            "calib": {"source": str(CALIB), "n_samples": 8, "seq_len": 64, "batch_size": 4},
-            "quant": {"method": "gptq", "bits": 4, "group_size": 32, **quant},
-        }
-    )
+    data: dict[str, Any] = {
+        "model": str(model),
+        "out": str(out),
+        "quant": {"method": "gptq", "bits": 4, "group_size": 32, **quant},
+    }
+    if data["quant"]["method"] != "rtn":  # RTN takes no calibration settings
+        data["calib"] = {"source": str(CALIB), "n_samples": 8, "seq_len": 64, "batch_size": 4}
+    return make_config(data)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "gpt_neox"])
@@ -50,9 +50,10 @@ def test_rtn_checkpoint_equals_in_memory_rtn(model_type: str, tmp_path: Path) ->
         want = ref(input_ids=ids).logits
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(packed(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
-    bits = manifest["bits"]
-    assert bits["from_bytes"] == pytest.approx(bits["from_model"], rel=0.01)
-    assert len(manifest["layers"]) == 2 * len(adapter.linears)
+    bits = manifest.bits
+    assert bits.from_bytes == pytest.approx(bits.from_model, rel=0.01)
+    assert len(manifest.layers) == 2 * len(adapter.linears)
+    assert manifest.quantization.mode is None and manifest.quantization.calibration is None
 
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
@@ -63,7 +64,8 @@ def test_gptq_checkpoint_loads_and_predicts(mode: str, tmp_path: Path) -> None:
     report = quantize(cfg, progress=False)
     assert all(r.gptq_loss is not None and r.gptq_loss >= 0 for r in report.layers)
     model, _, manifest = load_quantized(report.out)
-    assert manifest["quantization"]["calibration"]["n_samples"] == 8
+    q = manifest.quantization
+    assert q.calibration is not None and q.calibration.n_samples == 8 and q.mode == mode
     ref, _ = load_model_dir(model_dir)
     ids = torch.randint(0, 4096, (1, 32))
     with torch.no_grad():
@@ -82,7 +84,7 @@ def test_existing_checkpoint_is_kept_unless_overwrite(tmp_path: Path) -> None:
         {**_cfg(model_dir, tmp_path / "q", method="rtn", bits=2).model_dump(), "overwrite": True}
     )
     quantize(cfg, progress=False)
-    assert read_manifest(first.out)["quantization"]["settings"]["quant"]["bits"] == 2
+    assert read_manifest(first.out).quantization.settings["quant"]["bits"] == 2
 
 
 def test_failure_midway_leaves_nothing_behind(
@@ -152,6 +154,57 @@ def test_group_size_that_does_not_divide_uses_a_short_last_group(tmp_path: Path)
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")  # d_in 64 and 128
     out = quantize(_cfg(model_dir, tmp_path / "q", group_size=48), progress=False).out
     m = read_manifest(out)
-    assert m["bits"]["from_bytes"] == pytest.approx(m["bits"]["from_model"], rel=0.01)
+    assert m.bits.from_bytes == pytest.approx(m.bits.from_model, rel=0.01)
     model, _, _ = load_quantized(out)
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_checkpoint_files_honour_the_umask(tmp_path: Path) -> None:
+    """safetensors creates 0600 files; a serving user must be able to read them."""
+    import os
+
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    old = os.umask(0o027)
+    try:
+        out = quantize(_cfg(model_dir, tmp_path / "q", method="rtn"), progress=False).out
+    finally:
+        os.umask(old)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o750)
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir()}
+    assert set(modes.values()) == {oct(0o640)}, modes
+
+
+def test_settings_that_do_not_apply_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"quant\.symmetric does not apply to quant\.method=lwq"):
+        make_config({"model": str(model_dir), "quant": {"method": "lwq", "symmetric": True}})
+    with pytest.raises(ConfigError, match=r"quant\.group_size does not apply.*method\.group_size"):
+        make_config({"quant": {"method": "lwq", "group_size": 64}})
+    with pytest.raises(ConfigError, match=r"method\.budget does not apply to quant\.method=gptq"):
+        make_config({"quant": {"method": "gptq"}, "method": {"budget": 3.0}})
+    with pytest.raises(ConfigError, match=r"gptq\.damp, calib\.source do not apply.*=rtn"):
+        make_config(
+            {"quant": {"method": "rtn"}, "calib": {"source": str(CALIB)}, "gptq": {"damp": 0.1}}
+        )
+    cfg = make_config(
+        {**_cfg(model_dir, tmp_path / "q").model_dump(), "pipeline": {"work_dir": "elsewhere"}}
+    )
+    with pytest.raises(ConfigError, match=r"pipeline\.work_dir does not apply to lwq quantize"):
+        quantize(cfg, progress=False)
+    assert not (tmp_path / "q").exists()
+    # A dumped configuration loads back: what does not apply sits at its default.
+    lwq = make_config({"quant": {"method": "lwq"}, "method": {"budget": 2.7}})
+    assert make_config(lwq.model_dump()) == lwq
+
+
+def test_a_zoo_model_calibrates_on_the_zoo_slice_by_default(tmp_path: Path) -> None:
+    cfg = make_config({"model": str(ZOO / "llama-6l-128d"), "quant": {"method": "gptq"}})
+    from lwq.config import with_zoo_defaults
+
+    assert with_zoo_defaults(cfg).calib.source == str(CALIB)
+    assert with_zoo_defaults(cfg).pipeline.eval_data is None
+    assert with_zoo_defaults(cfg, evaluation=True).pipeline.eval_data == str(
+        ZOO / "data" / "validation.txt"
+    )
+    rtn = make_config({"model": str(ZOO / "llama-6l-128d"), "quant": {"method": "rtn"}})
+    assert with_zoo_defaults(rtn).calib.source is None  # RTN takes no calibration

@@ -10,8 +10,8 @@ import pytest
 from conftest import ZOO
 from tiny_models import save_tiny_model_dir
 
-import lwq.method.driver as driver
-from lwq.cli import main
+import lwq.quantize as driver
+from cli.main import main
 from lwq.pack.checkpoint import read_manifest
 
 
@@ -43,8 +43,8 @@ def test_sweep_prepares_once_and_writes_every_budget(
     assert [r["budget"] for r in rows] == [2.6, 2.8, 3.0]
     for r in rows:
         manifest = read_manifest(Path(r["checkpoint"]))
-        assert abs(manifest["bits"]["from_bytes"] - r["budget"]) <= 0.02
-        assert r["bits"] == manifest["bits"]["from_bytes"] and r["perplexity"] > 1
+        assert abs(manifest.bits.from_bytes - r["budget"]) <= 0.02
+        assert r["bits"] == manifest.bits.from_bytes and r["perplexity"] > 1
         assert len(r["ratios"]) == 14
     # More bits protect more weights.
     assert sum(rows[0]["ratios"]) < sum(rows[2]["ratios"])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lwq.errors import ConfigError
+from lwq.models import context_window
 from lwq.textio import read_text
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def evaluate_tasks(
 
     if TEXT_PPL_TASK in tasks and data is None:
         raise ConfigError(f"the task {TEXT_PPL_TASK} needs --data TEXT_FILE")
-    max_length = max_length or int(getattr(model.config, "max_position_embeddings", 2048))
+    max_length = context_window(model.config, max_length)
     lm = HFLM(
         pretrained=model,
         tokenizer=tokenizer,

@@ -3,8 +3,8 @@
 F_jk = sum over calibration sequences of (d loss_s / d w_jk)^2, with loss_s the
 mean next-token negative log-likelihood of sequence s: the empirical Fisher,
 one backward pass per sequence. It ranks weights within a layer (``scoring =
-"fisher"``); it is not used for the QP, where METHOD.md records that this
-estimator of the loss failed. The estimate is noisy with few sequences, so
+"fisher"``); it is not used for the QP: docs/method.md ("What was measured")
+records that this estimator of the loss failed. The estimate is noisy with few sequences, so
 fewer than ``MIN_SEQUENCES`` get a warning that says how many it had.
 """
 
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lwq.adapters import ModelAdapter
 from lwq.calibration import CalibrationSet
-from lwq.stats import NumericalError
+from lwq.errors import NumericalError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The ratio allocation: a convex QP over the per-layer high-impact ratios.
 
-METHOD.md, "The quadratic program": with a_i the output (logit) change of
+docs/method.md, "The quadratic program": with a_i the output (logit) change of
 quantizing layer i alone at r = 0 and b_i its chord slope up to r_max, both
 weighted by the output Fisher and sketched, the predicted loss increase is
 
@@ -50,6 +50,17 @@ class SolverError(LwqError):
 
 
 @dataclass(frozen=True)
+class ProbeInfo:
+    """How a profile was measured (recorded with every allocation it makes)."""
+
+    sketch_dim: int
+    r_mid: float | None  # the third probe; None: the chord
+    seed: int
+    calib_sha256: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class SensitivityProfile:
     """Gram matrices of the per-layer output changes: the whole QP input.
 
@@ -64,7 +75,7 @@ class SensitivityProfile:
     AtB: torch.Tensor
     BtB: torch.Tensor
     n_tokens: int
-    meta: tuple[tuple[str, str], ...] = ()
+    probe: ProbeInfo | None = None
     version: int = 1
     gamma: torch.Tensor | None = None  # (N,) curve exponents; None: the chord
 

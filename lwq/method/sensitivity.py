@@ -1,6 +1,6 @@
 """The sensitivity profile: how each layer's quantization moves the output.
 
-METHOD.md, "How to get the o_i": for every quantizable layer i, quantize only
+docs/method.md, "The objective": for every quantizable layer i, quantize only
 that layer, at r = 0 and at r = r_max (every other layer full precision), and
 record the change o of the logits on the calibration tokens. Weighted by the
 output Fisher without forming it, z = sqrt(p) * (o - <p, o>) has
@@ -25,7 +25,7 @@ probes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from lwq.adapters import ModelAdapter
 from lwq.calibration import CalibrationSet
-from lwq.method.qp import SensitivityProfile
-from lwq.stats import BlockInputs, InMemoryCausalLM, NumericalError, capture_block_inputs, run_block
+from lwq.errors import NumericalError
+from lwq.method.qp import ProbeInfo, SensitivityProfile
+from lwq.stats import BlockInputs, InMemoryCausalLM, capture_block_inputs, run_block
 
 GAMMA_MIN = 0.2
 
@@ -46,6 +47,13 @@ class ProbeSettings:
     seed: int = 0
     batch_size: int = 8
     r_mid: float | None = None  # a third probe: the curve's exponent per layer
+
+
+def probe_levels(settings: ProbeSettings) -> tuple[float, ...]:
+    """The ratios each layer is probed at: 0, r_max, and r_mid for the power curve."""
+    if settings.r_mid is None:
+        return (0.0, settings.r_max)
+    return (0.0, settings.r_max, settings.r_mid)
 
 
 def chord_point(
@@ -97,10 +105,6 @@ def sketch_matrix(vocab: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(vocab, k, generator=gen) / k**0.5
 
 
-def _block_of(name: str, adapter: ModelAdapter) -> int:
-    return int(name[len(adapter.blocks) + 1 :].split(".", 1)[0])
-
-
 def _logit_change(
     model: torch.nn.Module,
     adapter: ModelAdapter,
@@ -129,17 +133,17 @@ def sensitivity_profile(
     model: torch.nn.Module,
     adapter: ModelAdapter,
     calib: CalibrationSet,
-    probe: Callable[[str, float], torch.Tensor],
+    probes: Mapping[str, Sequence[torch.Tensor]],
     names: list[str],
     settings: ProbeSettings = ProbeSettings(),
     progress: bool = True,
 ) -> SensitivityProfile:
     """Gram matrices of the per-layer output changes on ``calib``.
 
-    ``probe(name, r)`` returns layer ``name``'s dequantised (d_out, d_in) weight
-    at ratio r (called for r = 0, r = r_max and r_mid if set, once each; the
-    results are kept).
-    ``model`` is the full-precision model in memory; it is left unchanged.
+    ``probes[name]`` holds layer ``name``'s dequantised (d_out, d_in) weights
+    at r = 0, r = r_max and, with ``settings.r_mid``, at r_mid, in that order
+    (``probe_levels``). ``model`` is the full-precision model in memory; it is
+    left unchanged.
     """
     t0 = time.perf_counter()
     source = InMemoryCausalLM(model, adapter)
@@ -148,12 +152,11 @@ def sensitivity_profile(
     r_max, r_mid = settings.r_max, settings.r_mid
     if r_mid is not None and not 0 < r_mid < r_max:
         raise ValueError(f"r_mid={r_mid} must lie strictly between 0 and r_max={r_max}")
-    levels = (0.0, r_max) if r_mid is None else (0.0, r_max, r_mid)
+    levels = probe_levels(settings)
+    for n in names:
+        if len(probes[n]) != len(levels):
+            raise ValueError(f"{n}: {len(probes[n])} probe weights for the levels {levels}")
     fp = {n: adapter.read_weight(modules[n]) for n in names}
-    probes = {
-        n: tuple(probe(n, r) for r in levels)
-        for n in tqdm(names, desc="probes", disable=not progress)
-    }
     vocab = int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
     P = sketch_matrix(vocab, settings.sketch_dim, settings.seed).to(source.device)
     N = len(names)
@@ -183,7 +186,7 @@ def sensitivity_profile(
                     model,
                     adapter,
                     modules[name],
-                    _block_of(name, adapter),
+                    adapter.block_index(name),
                     w,
                     fp[name],
                     block_in,
@@ -209,12 +212,8 @@ def sensitivity_profile(
     if r_mid is not None:
         s_mid = chord_point(AtA.diagonal(), AtB.diagonal(), BtB.diagonal(), mid_sq)
         gamma = curve_exponents(s_mid / r_max, r_mid, r_max)
-    meta = (
-        ("sketch_dim", str(settings.sketch_dim)),
-        ("r_mid", "none" if r_mid is None else str(r_mid)),
-        ("seed", str(settings.seed)),
-        ("calib_sha256", calib.sha256),
-        ("seconds", f"{time.perf_counter() - t0:.2f}"),
+    info = ProbeInfo(
+        settings.sketch_dim, r_mid, settings.seed, calib.sha256, time.perf_counter() - t0
     )
     return SensitivityProfile(
         tuple(names),
@@ -223,6 +222,6 @@ def sensitivity_profile(
         AtB / n_tokens,
         BtB / n_tokens,
         n_tokens,
-        meta,
+        info,
         gamma=gamma,
     )

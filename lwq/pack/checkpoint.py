@@ -22,11 +22,10 @@ half-checkpoint under the target name.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -36,20 +35,27 @@ import torch
 from torch import nn
 
 from lwq.adapters import ModelAdapter, adapter_for
-from lwq.errors import ConfigError, LwqError, ModelLoadError
+from lwq.errors import ChecksumError, ConfigError, ModelLoadError
+from lwq.fileio import save_tensors, write_json
 from lwq.hashing import file_sha256
-from lwq.pack.layer import (
+from lwq.pack.layer import PackedLayer, grid_from_meta, payload_nbytes, unpack_layer
+from lwq.pack.manifest import (
+    FORMAT_NAME,
     FORMAT_VERSION,
-    PackedLayer,
-    grid_from_meta,
-    payload_nbytes,
-    unpack_layer,
+    MANIFEST,
+    AllocationReport,
+    BaseModelInfo,
+    BitsReport,
+    FileEntry,
+    LayerEntry,
+    Manifest,
+    QuantizationInfo,
 )
+
+__all__ = ["MANIFEST", "CheckpointWriter", "ChecksumError", "Manifest", "load_quantized"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "lwq_manifest.json"
-FORMAT_NAME = "lwq-packed"
 REST_FILE = "rest.safetensors"
 BASE_FILES = (
     "config.json",
@@ -61,10 +67,6 @@ BASE_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
-
-
-class ChecksumError(LwqError):
-    """A checkpoint file is missing, truncated or corrupted."""
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -95,7 +97,11 @@ def check_output_dir(out: Path, overwrite: bool, setting: str = "--out") -> None
 
 
 class CheckpointWriter(AbstractContextManager["CheckpointWriter"]):
-    """Writes a checkpoint block by block; ``finish`` commits it atomically."""
+    """Writes a checkpoint block by block; ``finish`` commits it atomically.
+
+    Files and folders get the modes the process umask gives every other file,
+    so a serving process of another user can read them.
+    """
 
     def __init__(self, out: Path, base_model: Path, overwrite: bool = False) -> None:
         self.out = Path(out).resolve()
@@ -103,82 +109,62 @@ class CheckpointWriter(AbstractContextManager["CheckpointWriter"]):
         self.overwrite = overwrite
         check_output_dir(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(
-            tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent)
-        )
-        self.layers: dict[str, dict[str, Any]] = {}
+        self.stage = self.out.with_name(f".{self.out.name}.partial-{uuid.uuid4().hex[:12]}")
+        self.stage.mkdir(mode=0o777)  # minus the umask
+        self.layers: dict[str, LayerEntry] = {}
         self.files: list[str] = []
         self._done = False
 
     def add_block(self, index: int, layers: list[PackedLayer]) -> None:
-        from safetensors.torch import save_file
-
         name = block_file(index)
         offset = 0
         for p in layers:
-            meta = p.meta()
-            meta.update({"file": name, "offset": offset})
-            self.layers[p.name] = meta
+            self.layers[p.name] = p.entry(name, offset)
             offset += p.nbytes
         blob = torch.cat([p.data for p in layers]) if layers else torch.zeros(0, dtype=torch.uint8)
-        save_file(
-            {"packed": blob.contiguous()},
-            str(self.stage / name),
-            # One key: safetensors writes metadata from a hash map, so with two
-            # keys their order (and the file's bytes) would change run to run.
-            metadata={"format": f"{FORMAT_NAME} v{FORMAT_VERSION}"},
+        # One key: safetensors writes metadata from a hash map, so with two
+        # keys their order (and the file's bytes) would change run to run.
+        save_tensors(
+            {"packed": blob}, self.stage / name, {"format": f"{FORMAT_NAME} v{FORMAT_VERSION}"}
         )
         self.files.append(name)
 
     def add_rest(self, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(self.stage / REST_FILE),
-            metadata={"format": FORMAT_NAME},
-        )
+        save_tensors(tensors, self.stage / REST_FILE, {"format": FORMAT_NAME})
         self.files.append(REST_FILE)
 
     def finish(
         self,
         config: dict[str, Any],
-        quantization: dict[str, Any],
-        extra: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+        quantization: QuantizationInfo,
+        allocation: AllocationReport | None = None,
+    ) -> Manifest:
         for fname in BASE_FILES:
             src = self.base_model / fname
             if src.is_file():
-                shutil.copy2(src, self.stage / fname)
+                shutil.copyfile(src, self.stage / fname)
                 self.files.append(fname)
         files = {
-            f: {"sha256": file_sha256(self.stage / f), "bytes": (self.stage / f).stat().st_size}
+            f: FileEntry(sha256=file_sha256(self.stage / f), bytes=(self.stage / f).stat().st_size)
             for f in sorted(set(self.files))
         }
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "base_model": {
-                "path": str(self.base_model),
-                "weights_sha256": weights_sha256(self.base_model),
-            },
-            "config": config,
-            "quantization": quantization,
-            "bits": bits_report(self.layers, files),
-            "layers": self.layers,
-            "files": files,
-            **(extra or {}),
-        }
-        path = self.stage / MANIFEST
-        with path.open("w") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        manifest = Manifest(
+            format=FORMAT_NAME,
+            format_version=FORMAT_VERSION,
+            base_model=BaseModelInfo(
+                path=str(self.base_model), weights_sha256=weights_sha256(self.base_model)
+            ),
+            config=config,
+            quantization=quantization,
+            bits=bits_report(self.layers, files),
+            layers=self.layers,
+            files=files,
+            allocation=allocation,
+        )
+        write_json(manifest.to_json(), self.stage / MANIFEST)
         old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
         if self.out.exists():
             os.replace(self.out, old)
-        self.stage.chmod(0o755)
         os.replace(self.stage, self.out)
         shutil.rmtree(old, ignore_errors=True)
         self._done = True
@@ -189,88 +175,74 @@ class CheckpointWriter(AbstractContextManager["CheckpointWriter"]):
             shutil.rmtree(self.stage, ignore_errors=True)
 
 
-def bits_report(
-    layers: dict[str, dict[str, Any]], files: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
+def bits_report(layers: dict[str, LayerEntry], files: dict[str, FileEntry]) -> BitsReport:
     """Average bits per quantized weight, from the files and from the cost model."""
-    n = sum(int(m["shape"][0]) * int(m["shape"][1]) for m in layers.values())
+    n = sum(m.n_weights for m in layers.values())
     model_bytes = 0
     for m in layers.values():
-        hi = None if m["hi"] is None else grid_from_meta(m["hi"])
         model_bytes += payload_nbytes(
-            int(m["shape"][0]),
-            int(m["shape"][1]),
-            grid_from_meta(m["lo"]),
-            hi,
-            int(m["n_hi"]),
-            int(m["n_hi_groups"]),
-            m["mask_encoding"] or "bitmap",
+            m.shape[0],
+            m.shape[1],
+            grid_from_meta(m.lo),
+            None if m.hi is None else grid_from_meta(m.hi),
+            m.n_hi,
+            m.n_hi_groups,
+            m.mask_encoding or "bitmap",
         )
-    layer_files = {m["file"] for m in layers.values()}
-    file_bytes = sum(int(files[f]["bytes"]) for f in layer_files)
-    rest = int(files[REST_FILE]["bytes"]) if REST_FILE in files else 0
-    return {
-        "n_quantized_weights": n,
-        "from_bytes": file_bytes * 8 / n if n else 0.0,
-        "from_model": model_bytes * 8 / n if n else 0.0,
-        "quantized_file_bytes": file_bytes,
-        "payload_bytes": model_bytes,
-        "unquantized_bytes": rest,
-        "total_bytes": sum(int(f["bytes"]) for f in files.values()),
-    }
+    layer_files = {m.file for m in layers.values()}
+    file_bytes = sum(files[f].bytes for f in layer_files)
+    return BitsReport(
+        n_quantized_weights=n,
+        from_bytes=file_bytes * 8 / n if n else 0.0,
+        from_model=model_bytes * 8 / n if n else 0.0,
+        quantized_file_bytes=file_bytes,
+        payload_bytes=model_bytes,
+        unquantized_bytes=files[REST_FILE].bytes if REST_FILE in files else 0,
+        total_bytes=sum(f.bytes for f in files.values()),
+    )
 
 
-def read_manifest(ckpt: Path, verify: bool = True) -> dict[str, Any]:
+def read_manifest(ckpt: Path, verify: bool = True) -> Manifest:
     """The manifest of a checkpoint; with ``verify``, every file's SHA-256 is checked."""
     ckpt = Path(ckpt)
     path = ckpt / MANIFEST
     if not path.is_file():
         raise ModelLoadError(f"{ckpt}: no {MANIFEST}; not an lwq checkpoint (or an unfinished one)")
-    try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ChecksumError(f"{path} is corrupted (not valid JSON): {err}") from err
-    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{ckpt}: format {manifest.get('format')} v{manifest.get('format_version')}; this lwq "
-            f"reads {FORMAT_NAME} v{FORMAT_VERSION}"
-        )
+    manifest = Manifest.parse(path.read_text(encoding="utf-8"), path)
     if verify:
-        for fname, info in manifest["files"].items():
-            f = ckpt / fname
-            if not f.is_file():
-                raise ChecksumError(f"{ckpt}: {fname} is missing; copy the checkpoint again")
-            if f.stat().st_size != info["bytes"] or file_sha256(f) != info["sha256"]:
-                raise ChecksumError(
-                    f"{ckpt}: {fname} is corrupted or truncated (SHA-256 does not match the "
-                    "manifest); copy the checkpoint again or re-run 'lwq quantize'"
-                )
+        verify_files(ckpt, manifest)
     return manifest
 
 
-def iter_packed_layers(ckpt: Path, manifest: dict[str, Any]) -> Iterator[PackedLayer]:
+def verify_files(ckpt: Path, manifest: Manifest) -> None:
+    for fname, info in manifest.files.items():
+        f = Path(ckpt) / fname
+        if not f.is_file():
+            raise ChecksumError(f"{ckpt}: {fname} is missing; copy the checkpoint again")
+        if f.stat().st_size != info.bytes or file_sha256(f) != info.sha256:
+            raise ChecksumError(
+                f"{ckpt}: {fname} is corrupted or truncated (SHA-256 does not match the "
+                "manifest); copy the checkpoint again or re-run 'lwq quantize'"
+            )
+
+
+def iter_packed_layers(ckpt: Path, manifest: Manifest) -> Iterator[PackedLayer]:
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = {}
-    for name, m in manifest["layers"].items():
-        by_file.setdefault(m["file"], []).append(name)
+    for name, m in manifest.layers.items():
+        by_file.setdefault(m.file, []).append(name)
     for fname, names in by_file.items():
         with safe_open(str(Path(ckpt) / fname), framework="pt") as f:
             blob = f.get_tensor("packed")
         for name in names:
-            m = manifest["layers"][name]
-            data = blob[m["offset"] : m["offset"] + m["nbytes"]]
-            yield PackedLayer(
-                name=name,
-                shape=(int(m["shape"][0]), int(m["shape"][1])),
-                lo=grid_from_meta(m["lo"]),
-                hi=None if m["hi"] is None else grid_from_meta(m["hi"]),
-                n_hi=int(m["n_hi"]),
-                n_hi_groups=int(m["n_hi_groups"]),
-                data=data,
-                sections={k: (int(v[0]), int(v[1])) for k, v in m["sections"].items()},
-                mask_encoding=m["mask_encoding"],
-            )
+            m = manifest.layers[name]
+            if m.offset + m.nbytes > blob.numel():
+                raise ChecksumError(
+                    f"{ckpt}: layer {name} needs bytes {m.offset}..{m.offset + m.nbytes} "
+                    f"of {fname}, which holds {blob.numel()}"
+                )
+            yield PackedLayer.from_entry(name, m, blob[m.offset : m.offset + m.nbytes])
 
 
 class QuantLinear(nn.Module):
@@ -320,7 +292,7 @@ class QuantLinear(nn.Module):
 
 def load_quantized(
     ckpt: Path, device: str = "cpu", packed_modules: bool = False, verify: bool = True
-) -> tuple[Any, Any, dict[str, Any]]:
+) -> tuple[Any, Any, Manifest]:
     """Rebuild a working Hugging Face model from a packed checkpoint.
 
     By default every quantized layer gets its dequantised float32 weight;
@@ -333,7 +305,7 @@ def load_quantized(
     from lwq.loading import empty_model, set_tensor, tied_sources
 
     manifest = read_manifest(ckpt, verify=verify)
-    config = AutoConfig.for_model(**manifest["config"])
+    config = AutoConfig.for_model(**manifest.config)
     adapter = adapter_for(config.model_type)
     model = empty_model(config, torch.float32)
     rest: dict[str, torch.Tensor] = {}
@@ -342,7 +314,7 @@ def load_quantized(
             rest[key] = f.get_tensor(key).to(torch.float32)
     for name, value in rest.items():
         set_tensor(model, name, nn.Parameter(value, requires_grad=False))
-    for name in manifest["layers"]:
+    for name in manifest.layers:
         set_tensor(model, f"{name}.weight", nn.Parameter(torch.empty(0), requires_grad=False))
     for packed in iter_packed_layers(ckpt, manifest):
         _install_layer(model, adapter, packed, rest.get(f"{packed.name}.bias"), packed_modules)

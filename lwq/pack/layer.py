@@ -25,16 +25,18 @@ settings alone; it is the cost model, and a test holds it equal to what
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from lwq.errors import ChecksumError
 from lwq.pack.bits import pack_bits, packed_nbytes, unpack_bits
+from lwq.pack.manifest import FORMAT_VERSION, GridMeta, LayerEntry
 from lwq.pack.maskcode import cheapest_encoding, decode_mask, encode_mask, mask_nbytes
 from lwq.quant.grid import GridSpec
 from lwq.quant.types import QuantizedWeight
-
-FORMAT_VERSION = 1
 
 
 def payload_nbytes(
@@ -89,26 +91,67 @@ class PackedLayer:
         off, length = self.sections[name]
         return self.data[off : off + length]
 
-    def meta(self) -> dict[str, object]:
-        """What the manifest records of this layer (everything but the bytes)."""
-        return {
-            "shape": list(self.shape),
-            "lo": _grid_meta(self.lo),
-            "hi": None if self.hi is None else _grid_meta(self.hi),
-            "n_hi": self.n_hi,
-            "n_hi_groups": self.n_hi_groups,
-            "mask_encoding": self.mask_encoding,
-            "sections": {k: list(v) for k, v in self.sections.items()},
-            "nbytes": self.nbytes,
-        }
+    def entry(self, file: str, offset: int) -> LayerEntry:
+        """What the manifest records of this layer: everything but the bytes."""
+        return LayerEntry(
+            shape=self.shape,
+            lo=grid_meta(self.lo),
+            hi=None if self.hi is None else grid_meta(self.hi),
+            n_hi=self.n_hi,
+            n_hi_groups=self.n_hi_groups,
+            mask_encoding=self.mask_encoding,  # type: ignore[arg-type]
+            sections=self.sections,
+            nbytes=self.nbytes,
+            file=file,
+            offset=offset,
+        )
+
+    @classmethod
+    def from_entry(cls, name: str, entry: LayerEntry, data: torch.Tensor) -> PackedLayer:
+        if data.numel() != entry.nbytes:
+            raise ChecksumError(
+                f"layer {name}: {data.numel()} bytes where its manifest entry says "
+                f"{entry.nbytes}; the checkpoint is damaged"
+            )
+        return cls(
+            name=name,
+            shape=entry.shape,
+            lo=grid_from_meta(entry.lo),
+            hi=None if entry.hi is None else grid_from_meta(entry.hi),
+            n_hi=entry.n_hi,
+            n_hi_groups=entry.n_hi_groups,
+            data=data,
+            sections=dict(entry.sections),
+            mask_encoding=entry.mask_encoding,
+        )
+
+    def save(self, path: Path) -> Path:
+        """This layer alone as a safetensors file (what a per-layer task hands on)."""
+        from lwq.fileio import save_tensors
+
+        entry = self.entry(file=Path(path).name, offset=0).model_dump(mode="json")
+        meta = {"name": self.name, "entry": json.dumps(entry)}
+        return save_tensors({"packed": self.data}, path, meta)
+
+    @classmethod
+    def load(cls, path: Path) -> PackedLayer:
+        from lwq.fileio import load_tensors
+
+        tensors, meta = load_tensors(path)
+        try:
+            entry = LayerEntry.model_validate_json(meta["entry"])
+            name = meta["name"]
+        except (KeyError, ValueError) as err:
+            raise ChecksumError(f"{path}: not a packed lwq layer ({err})") from err
+        return cls.from_entry(name, entry, tensors["packed"])
 
 
-def _grid_meta(g: GridSpec) -> dict[str, object]:
-    return {"bits": g.bits, "group_size": g.group_size, "symmetric": g.symmetric}
+def grid_meta(g: GridSpec) -> GridMeta:
+    return GridMeta(bits=g.bits, group_size=g.group_size, symmetric=g.symmetric)
 
 
-def grid_from_meta(meta: dict[str, object]) -> GridSpec:
-    return GridSpec(int(meta["bits"]), int(meta["group_size"]), bool(meta["symmetric"]))  # type: ignore[call-overload]
+def grid_from_meta(meta: GridMeta) -> GridSpec:
+    return GridSpec(meta.bits, meta.group_size, meta.symmetric)
 
 
 def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:

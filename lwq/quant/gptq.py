@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lwq.errors import NumericalError
 from lwq.quant.grid import GridSpec, dequantize, grid_params, quantize
 from lwq.quant.types import QuantizedWeight
-from lwq.stats import NumericalError
 
 log = logging.getLogger(__name__)
 

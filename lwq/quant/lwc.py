@@ -1,10 +1,10 @@
 """Learnable weight clipping of the high-impact grid (OmniQuant's LWC, Shao et al. 2024).
 
-The "advanced" quantizer of METHOD.md, spent on the high-impact weights only:
-each (row, group) of the high grid gets two clipping factors, sigmoid(gamma)
-for the top of its min-max range and sigmoid(beta) for the bottom, learned by
-Adam to minimise the output error the masked weights cause on the layer's
-calibration inputs,
+The "advanced" quantizer of docs/method.md ("Quantization of one layer"),
+spent on the high-impact weights only: each (row, group) of the high grid gets
+two clipping factors, sigmoid(gamma) for the top of its min-max range and
+sigmoid(beta) for the bottom, learned by Adam to minimise the output error the
+masked weights cause on the layer's calibration inputs,
 
     sum_g tr(dW_g H_gg dW_g^T),   dW = mask * (W - Q_hi(W)),
 

@@ -12,7 +12,7 @@ from conftest import ZOO
 from tiny_models import save_tiny_model_dir
 
 from lwq.config import make_config
-from lwq.errors import ConfigError
+from lwq.errors import ConfigError, LwqError
 from lwq.pack.checkpoint import load_quantized
 from lwq.quantize import quantize
 
@@ -43,15 +43,17 @@ def test_budget_is_met_from_bytes_and_report_is_complete(
         report = quantize(_cfg(model_dir, tmp_path / "q", 2.7, objective=objective), progress=False)
     assert "had 4 sequences (128 tokens) for 14 layers" in caplog.text
     m = report.manifest
-    assert abs(m["bits"]["from_bytes"] - 2.7) <= 0.02
-    alloc = m["allocation"]
-    assert alloc["objective"] == objective and len(alloc["layers"]) == 14
-    ratios = [x["ratio"] for x in alloc["layers"]]
+    assert abs(m.bits.from_bytes - 2.7) <= 0.02
+    alloc = m.allocation
+    assert alloc is not None
+    assert alloc.objective == objective and len(alloc.layers) == 14
+    ratios = [x.ratio for x in alloc.layers]
     assert all(0 <= r <= 0.3 + 1e-9 for r in ratios)
-    assert any(x["n_hi"] > 0 for x in alloc["layers"])
+    assert any(x.n_hi > 0 for x in alloc.layers)
     if objective == "fixed":
         assert max(ratios) - min(ratios) < 1e-9
-    assert all(x["output_error"] is not None and x["output_error"] >= 0 for x in alloc["layers"])
+    assert all(x.output_error is not None and x.output_error >= 0 for x in alloc.layers)
+    assert m.quantization.mode == "sequential" and alloc.profile.n_tokens == 4 * 32
     model, _, _ = load_quantized(report.out)
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
@@ -70,9 +72,8 @@ def test_ties_give_one_ratio_per_group(ties: str, tmp_path: Path) -> None:
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
     cfg = _cfg(model_dir, tmp_path / "q", 2.6, ties=ties)
     report = quantize(cfg, progress=False)
-    ratios: dict[str, float] = {
-        x["name"]: x["ratio"] for x in report.manifest["allocation"]["layers"]
-    }
+    assert report.manifest.allocation is not None
+    ratios: dict[str, float] = {x.name: x.ratio for x in report.manifest.allocation.layers}
     groups: dict[tuple[str, ...], list[float]] = {}
     for name, r in ratios.items():
         block, suffix = name.split(".")[2], name.split(".", 3)[3]
@@ -90,20 +91,20 @@ def test_ties_give_one_ratio_per_group(ties: str, tmp_path: Path) -> None:
     assert any(len(v) > 1 for v in groups.values())
     for v in groups.values():
         assert max(v) - min(v) < 1e-6
-    assert abs(report.manifest["bits"]["from_bytes"] - 2.6) <= 0.02
+    assert abs(report.manifest.bits.from_bytes - 2.6) <= 0.02
 
 
 def test_float16_high_impact_weights_and_lwc_end_to_end(tmp_path: Path) -> None:
     """Dense-and-sparse (hi_bits=16) and learned clipping go through the same path."""
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
     fp16 = quantize(_cfg(model_dir, tmp_path / "a", 2.6, hi_bits=16), progress=False)
-    layers = fp16.manifest["layers"]
-    assert any(v["hi"] is not None and v["hi"]["bits"] == 16 for v in layers.values())
-    assert abs(fp16.manifest["bits"]["from_bytes"] - 2.6) <= 0.02
+    layers = fp16.manifest.layers
+    assert any(v.hi is not None and v.hi.bits == 16 for v in layers.values())
+    assert abs(fp16.manifest.bits.from_bytes - 2.6) <= 0.02
     lwc = quantize(
         _cfg(model_dir, tmp_path / "b", 2.6, hi_refine="lwc", lwc_steps=5), progress=False
     )
-    assert abs(lwc.manifest["bits"]["from_bytes"] - 2.6) <= 0.02
+    assert abs(lwc.manifest.bits.from_bytes - 2.6) <= 0.02
     for report in (fp16, lwc):
         model, _, _ = load_quantized(report.out)
         assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
@@ -113,25 +114,17 @@ def test_float16_high_impact_weights_and_lwc_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_layer_by_layer_checkpoint_equals_the_parallel_pass(family: str, tmp_path: Path) -> None:
-    """What a flow does (state saved, layers quantized one by one, then packed)
-    gives the same bytes as the one-pass parallel-mode driver."""
+    """What a flow does (state and Hessians saved, layers quantized one by one from
+    files, then assembled) gives the same bytes as the one-pass parallel-mode driver."""
     from lwq.adapters import adapter_for
-    from lwq.calibration import build_calibration_set
+    from lwq.calibration import CalibrationSet, build_calibration_set
     from lwq.loading import read_layer_weights
-    from lwq.method.driver import (
-        allocate,
-        gptq_settings,
-        load_hessian,
-        load_state,
-        prepare,
-        quantize_allocation,
-        quantize_layer,
-        save_state,
-        write_packed_checkpoint,
-    )
+    from lwq.method.state import HessianStore, load_state, prepare, save_state
     from lwq.models import load_model_dir
-    from lwq.pack.checkpoint import read_manifest
-    from lwq.pack.layer import pack_layer
+    from lwq.pack.checkpoint import iter_packed_layers, read_manifest
+    from lwq.pack.layer import PackedLayer, pack_layer
+    from lwq.quant.layer import quantize_layer
+    from lwq.quantize import MethodPlan, assemble_checkpoint, plan_for, quantize_model
 
     model_dir = save_tiny_model_dir(family, tmp_path / "m")
     cfg = _cfg(model_dir, tmp_path / "a", 2.7)
@@ -139,40 +132,71 @@ def test_layer_by_layer_checkpoint_equals_the_parallel_pass(family: str, tmp_pat
     model, tok = load_model_dir(model_dir)
     adapter = adapter_for(model.config.model_type)
     calib = build_calibration_set(tok, str(ZOO / "data" / "calibration.txt"), 4, 32, 0)
-    state = prepare(model, adapter, calib, cfg, progress=False)
-    alloc = allocate(state, cfg)
-    one_pass = quantize_allocation(model_dir, tmp_path / "a", state, alloc, calib, cfg, False)
+    calib.save(tmp_path / "calib.safetensors")
+    calib = CalibrationSet.load(tmp_path / "calib.safetensors")
+    state = prepare(model, adapter, calib, cfg, tmp_path / "state" / "hessians", progress=False)
+    plan = plan_for(cfg, state)
+    assert isinstance(plan, MethodPlan)
+    one_pass = quantize_model(model_dir, tmp_path / "a", plan, calib, cfg, False).manifest
 
     save_state(state, tmp_path / "state")
-    light = load_state(tmp_path / "state")
-    assert light.hessians == {} and light.names == state.names
+    light = load_state(tmp_path / "state", expect_code=state.code_version)
+    assert light.names == state.names and torch.equal(light.profile.AtA, state.profile.AtA)
+    store = HessianStore.open(tmp_path / "state" / "hessians")
     weights = read_layer_weights(model_dir, list(state.names))
-    packed, errors = [], {}
-    for name, r in zip(alloc.names, alloc.ratios, strict=True):
-        H = load_hessian(tmp_path / "state", light, name)
-        assert torch.equal(H, state.hessians[name])
+    gptq, errors = cfg.gptq.settings(), {}
+    for name, r in zip(plan.alloc.names, plan.alloc.ratios, strict=True):
         assert torch.equal(
             weights[name], adapter.read_weight(dict(adapter.iter_layers(model))[name])
         )
-        qw, errors[name] = quantize_layer(weights[name], H, light, name, r, gptq_settings(cfg))
-        packed.append(pack_layer(name, qw))
-    by_layer = write_packed_checkpoint(
-        model_dir, tmp_path / "b", packed[::-1], light, alloc, calib, cfg, errors
+        res = quantize_layer(weights[name], store.get(name), light.job(name, r), gptq, None, True)
+        errors[name] = res.output_error
+        pack_layer(name, res.weight).save(tmp_path / f"{name}.safetensors")
+    packed = [PackedLayer.load(tmp_path / f"{n}.safetensors") for n in reversed(state.names)]
+    light_plan = MethodPlan(light, plan.alloc)
+    by_layer = assemble_checkpoint(
+        model_dir, tmp_path / "b", packed, light_plan, calib, cfg, errors
     )
-    from lwq.pack.checkpoint import iter_packed_layers
-
     a = {p.name: p for p in iter_packed_layers(tmp_path / "a", one_pass)}
     b = {p.name: p for p in iter_packed_layers(tmp_path / "b", by_layer)}
     for name in state.names:
         assert torch.equal(a[name].data, b[name].data), name
-    assert by_layer["files"] == one_pass["files"]  # same bytes, file by file
-    assert read_manifest(tmp_path / "b")["quantization"]["mode"] == "parallel"
+    assert by_layer.files == one_pass.files  # same bytes, file by file
+    assert by_layer.allocation == one_pass.allocation
+    assert read_manifest(tmp_path / "b").quantization.mode == "parallel"
+    with pytest.raises(LwqError, match="layers were not quantized"):
+        assemble_checkpoint(model_dir, tmp_path / "c", packed[1:], light_plan, calib, cfg, errors)
+
+
+def test_a_state_of_other_code_is_refused(tmp_path: Path) -> None:
+    from lwq.method.cost import layer_cost
+    from lwq.method.qp import SensitivityProfile
+    from lwq.method.state import MethodState, load_state, save_state
+    from lwq.quant.grid import GridSpec
+
+    z = torch.zeros(1, 1, dtype=torch.float64)
+    name, lo, hi = "model.layers.0.mlp.up_proj", GridSpec(2, 32), GridSpec(4, 32)
+    state = MethodState(
+        (name,),
+        {name: torch.arange(64)},
+        (layer_cost(name, torch.arange(64), (2, 32), lo, hi),),
+        SensitivityProfile((name,), 0.3, z, z, z, 1),
+        lo,
+        hi,
+        1,
+        {},
+        code_version="abc",
+    )
+    save_state(state, tmp_path)
+    with pytest.raises(LwqError, match="computed by other code"):
+        load_state(tmp_path, expect_code="def")
+    assert load_state(tmp_path, expect_code="abc").code_version == "abc"
 
 
 def test_largest_layers_are_quantized_first() -> None:
     from types import SimpleNamespace
 
-    from lwq.method.driver import largest_first
+    from lwq.method.state import largest_first
 
     shapes = [(128, 128), (512, 128), (128, 512), (32, 128), (128, 128)]
     state: Any = SimpleNamespace(costs=[SimpleNamespace(shape=s) for s in shapes])

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 
 from lwq.adapters import adapter_for
 from lwq.calibration import build_calibration_set
+from lwq.errors import NumericalError
 from lwq.method.fisher import fisher_diagonal
-from lwq.stats import NumericalError
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

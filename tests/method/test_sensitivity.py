@@ -9,7 +9,7 @@ from conftest import ZOO
 from lwq.adapters import adapter_for
 from lwq.calibration import build_calibration_set
 from lwq.eval.divergence import output_divergence
-from lwq.method.layer import quantize_at_ratio
+from lwq.method.layer import job_at_ratio
 from lwq.method.saliency import ranking
 from lwq.method.sensitivity import (
     GAMMA_MIN,
@@ -17,10 +17,12 @@ from lwq.method.sensitivity import (
     chord_point,
     curve_exponents,
     fisher_sketch,
+    probe_levels,
     sensitivity_profile,
 )
 from lwq.models import load_model_dir
 from lwq.quant.grid import GridSpec
+from lwq.quant.layer import quantize_layer
 
 
 def test_fisher_sketch_norm_is_the_quadratic_form() -> None:
@@ -42,20 +44,16 @@ def test_single_layer_prediction_matches_measurement() -> None:
     modules = dict(adapter.iter_layers(model))
     lo, hi = GridSpec(2, 128), GridSpec(4, 128)
     orders = {n: ranking(adapter.read_weight(modules[n]).abs()) for n in names}
+    settings = ProbeSettings(r_max=0.3, sketch_dim=256, batch_size=4, r_mid=0.03)
 
     def probe(name: str, r: float) -> torch.Tensor:
         W = adapter.read_weight(modules[name])
-        return quantize_at_ratio(W, None, orders[name], r, lo, hi, gptq=None).dequantize()
+        shape = (int(W.shape[0]), int(W.shape[1]))
+        job = job_at_ratio(name, orders[name], shape, r, lo, hi)
+        return quantize_layer(W, None, job, gptq=None).weight.dequantize()
 
-    prof = sensitivity_profile(
-        model,
-        adapter,
-        calib,
-        probe,
-        names,
-        ProbeSettings(r_max=0.3, sketch_dim=256, batch_size=4, r_mid=0.03),
-        progress=False,
-    )
+    probes = {n: [probe(n, r) for r in probe_levels(settings)] for n in names}
+    prof = sensitivity_profile(model, adapter, calib, probes, names, settings, progress=False)
     assert prof.AtA.shape == (14, 14) and prof.n_tokens == 8 * 128
     torch.testing.assert_close(prof.AtA, prof.AtA.T)
     assert float(torch.linalg.eigvalsh(prof.BtB).min()) > -1e-8 * float(prof.BtB.diagonal().max())

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from lwq.pack.layer import pack_layer, payload_nbytes, unpack_layer
+from lwq.errors import ChecksumError
+from lwq.fileio import current_umask
+from lwq.pack.layer import PackedLayer, pack_layer, payload_nbytes, unpack_layer
 from lwq.quant.grid import GridSpec
 from lwq.quant.rtn import rtn_quantize
 
@@ -45,7 +49,24 @@ def test_two_grid_round_trip(
     assert p.mask_encoding is not None
     expected = payload_nbytes(32, 256, lo, hi, p.n_hi, p.n_hi_groups, p.mask_encoding)
     assert p.nbytes == expected
-    assert p.meta()["nbytes"] == expected
+    assert p.entry("f", 0).nbytes == expected
+
+
+def test_a_packed_layer_file_round_trips_and_refuses_a_damaged_one(tmp_path: Path) -> None:
+    W = torch.randn(16, 64)
+    mask = torch.rand(16, 64) < 0.1
+    p = pack_layer("blk.0.q", rtn_quantize(W, GridSpec(2, 32), mask, GridSpec(4, 32)))
+    f = p.save(tmp_path / "l.safetensors")
+    assert oct(f.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+    back = PackedLayer.load(f)
+    assert back.name == p.name and back.sections == p.sections and torch.equal(back.data, p.data)
+    assert torch.equal(unpack_layer(back).dequantize(), unpack_layer(p).dequantize())
+    from lwq.fileio import save_tensors
+
+    save_tensors({"packed": p.data[:-3]}, tmp_path / "short.safetensors", {
+        "name": "blk.0.q", "entry": p.entry("x", 0).model_dump_json()})  # fmt: skip
+    with pytest.raises(ChecksumError, match=r"blk\.0\.q: \d+ bytes where its manifest entry"):
+        PackedLayer.load(tmp_path / "short.safetensors")
 
 
 def test_bits_per_weight_of_plain_w4_g128() -> None:

@@ -98,9 +98,9 @@ def test_flow_stores_registers_and_reruns_from_cache(
     manifest = read_manifest(Path(first.checkpoint))
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     prefix = first.uri.removeprefix("s3://lwq-test/")
-    for name, meta in manifest["files"].items():
+    for name, meta in manifest.files.items():
         head = s3.head_object(Bucket="lwq-test", Key=f"{prefix}/{name}")
-        assert head["Metadata"]["sha256"] == meta["sha256"]
+        assert head["Metadata"]["sha256"] == meta.sha256
     assert s3.head_object(Bucket="lwq-test", Key=f"{prefix}/lwq_manifest.json")
 
     # MLflow: metrics, params, tags, artifacts, and a loadable registered model.
@@ -177,7 +177,7 @@ def test_killed_run_resumes_from_its_finished_layers(
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "lwq.cli", "run", "--config", str(tmp_path / "run.yaml"), "-q"]
+    cmd = [sys.executable, "-m", "cli", "run", "--config", str(tmp_path / "run.yaml"), "-q"]
     proc = subprocess.Popen(
         cmd,
         env=env,
@@ -189,14 +189,14 @@ def test_killed_run_resumes_from_its_finished_layers(
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if layers.is_dir() and len(list(layers.glob("*.pt"))) >= 3:
+            if layers.is_dir() and len(list(layers.glob("*.safetensors"))) >= 3:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the flow ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    done_before = len(list(layers.glob("*.pt")))
+    done_before = len(list(layers.glob("*.safetensors")))
     assert 3 <= done_before < 14
 
     (res,) = run(cfg)
@@ -247,7 +247,7 @@ def test_s3_down_during_upload_fails_clearly_and_registers_nothing(
     assert client.search_registered_models() == []
     # The local checkpoint is complete and verifies.
     (ckpt,) = (tmp_path / "work" / "checkpoints").iterdir()
-    assert read_manifest(ckpt)["bits"]["from_bytes"] > 0
+    assert read_manifest(ckpt).bits.from_bytes > 0
 
 
 def test_tracking_server_stopped_keeps_the_checkpoint_and_the_next_run_registers_it(
@@ -300,7 +300,7 @@ def test_tracking_server_stopped_keeps_the_checkpoint_and_the_next_run_registers
 def test_lwq_run_prints_where_what_and_how_well(
     tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lwq.cli import main
+    from cli.main import main
 
     calib = str(ZOO / "data" / "calibration.txt")
     text = (ZOO / "data" / "validation.txt").read_text(encoding="utf-8")[:20000]
@@ -377,7 +377,7 @@ def test_dask_runner_gives_the_same_checkpoint_bytes(tiny_llama: Path, tmp_path:
         cmd = [
             sys.executable,
             "-m",
-            "lwq.cli",
+            "cli",
             "run",
             "--config",
             str(tmp_path / "dask.yaml"),
@@ -405,3 +405,34 @@ def test_dask_runner_gives_the_same_checkpoint_bytes(tiny_llama: Path, tmp_path:
     a = json.loads((dask_ckpt / "lwq_manifest.json").read_text())["files"]
     b = json.loads((Path(res.checkpoint) / "lwq_manifest.json").read_text())["files"]
     assert a == b  # every file, byte for byte (SHA-256)
+
+
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
+
+
+def _tree(root: Path) -> set[str]:
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        out.update(str(Path(dirpath, f).relative_to(root)) for f in filenames)
+    return out
+
+
+def test_a_run_from_the_repository_leaves_no_file_in_it(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's default artifact root is ./mlruns of the working directory: a run
+    with the default (local) tracking store keeps its artifacts in the work folder."""
+    from conftest import REPO
+
+    from flows.compress import run
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = _tree(REPO)
+    cfg = _config(tiny_llama, tmp_path, "unused", storage=None, tracking_uri=None)
+    (res,) = run(cfg)
+    assert res.registered.new
+    assert _tree(REPO) == before
+    artifacts = tmp_path / "work" / "mlartifacts"
+    assert any(p.name == "MLmodel" for p in artifacts.rglob("*")), artifacts

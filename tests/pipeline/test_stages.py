@@ -11,17 +11,18 @@ import pytest
 def test_method_state_is_read_once_per_process_until_the_file_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lwq.method.driver as driver
+    import lwq.method.state as state
     from tasks.stages import method_state
 
     reads: list[Path] = []
 
-    def fake_load(directory: Path) -> object:
+    def fake_load(directory: Path, expect_code: str | None = None) -> object:
+        assert expect_code == state.method_code_version()
         reads.append(directory)
         return object()
 
-    monkeypatch.setattr(driver, "load_state", fake_load)
-    state_file = tmp_path / driver.STATE_FILE
+    monkeypatch.setattr(state, "load_state", fake_load)
+    state_file = tmp_path / state.STATE_JSON
     state_file.write_bytes(b"one")
     first = method_state(str(tmp_path))
     assert method_state(str(tmp_path)) is first and len(reads) == 1

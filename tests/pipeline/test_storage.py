@@ -7,6 +7,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from lwq.fileio import current_umask
 from lwq.hashing import file_sha256
 from lwq.pack.checkpoint import MANIFEST, ChecksumError, read_manifest
 from tasks.storage import (
@@ -38,7 +39,9 @@ def test_local_store_round_trip_and_verification(tmp_path: Path, tiny_llama: Pat
     uri = upload_checkpoint(store, ckpt, "m/run1")
     assert Path(uri).is_dir() and (Path(uri) / MANIFEST).is_file()
     back = download_checkpoint(store, "m/run1", tmp_path / "back")
-    assert read_manifest(back)["files"] == read_manifest(ckpt)["files"]
+    assert read_manifest(back).files == read_manifest(ckpt).files
+    # Downloaded folders and files get the umask's modes, like every other file.
+    assert oct(back.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
     # A corrupted object is caught on download, and nothing is left half-written.
     victim = next(p for p in Path(uri).iterdir() if p.name.startswith("layers-"))
     victim.write_bytes(b"\0" * victim.stat().st_size)
@@ -69,9 +72,9 @@ def test_s3_upload_multipart_checksums_and_manifest_last(
     assert order[-1] == f"tiny/abc/{MANIFEST}"  # the commit marker goes last
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     manifest = read_manifest(ckpt)
-    for name, meta in manifest["files"].items():
+    for name, meta in manifest.files.items():
         head = s3.head_object(Bucket="ckpts", Key=f"team/tiny/abc/{name}")
-        assert head["Metadata"]["sha256"] == meta["sha256"]
+        assert head["Metadata"]["sha256"] == meta.sha256
     back = download_checkpoint(store, "tiny/abc", tmp_path / "back")
     assert file_sha256(back / MANIFEST) == file_sha256(ckpt / MANIFEST)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lwq.method.layer import quantize_at_ratio
+from lwq.method.layer import job_at_ratio
 from lwq.method.saliency import ranking, saliency
+from lwq.quant.gptq import GPTQSettings
 from lwq.quant.grid import GridSpec
+from lwq.quant.layer import quantize_layer
 from lwq.quant.lwc import LWCSettings, grid_params_masked, learn_clipping
 
 
@@ -61,8 +63,9 @@ def test_layer_with_lwc_keeps_the_bytes_and_mask() -> None:
     W, H, _ = _problem(1)
     order = ranking(saliency(W, H, "obs"))
     lo, hi = GridSpec(2, 32), GridSpec(4, 32)
-    plain = quantize_at_ratio(W, H, order, 0.1, lo, hi)
-    lwc = quantize_at_ratio(W, H, order, 0.1, lo, hi, lwc=LWCSettings(steps=50))
+    job = job_at_ratio("l", order, (int(W.shape[0]), int(W.shape[1])), 0.1, lo, hi)
+    plain = quantize_layer(W, H, job, GPTQSettings()).weight
+    lwc = quantize_layer(W, H, job, GPTQSettings(), LWCSettings(steps=50)).weight
     assert plain.mask is not None and lwc.mask is not None
     assert torch.equal(plain.mask, lwc.mask)
     assert plain.hi_scales is not None and lwc.hi_scales is not None

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lwq.errors import ConfigError
+from lwq.errors import ConfigError, NumericalError
 from lwq.quant.gptq import GPTQSettings, gptq_quantize
 from lwq.quant.grid import GridSpec, grid_params, quantize
 from lwq.quant.rtn import rtn_quantize
-from lwq.stats import NumericalError
 
 
 def _correlated_inputs(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lwq.cli import main
+from cli.main import main
 from lwq.errors import LwqError
 from lwq.zoo import build
 

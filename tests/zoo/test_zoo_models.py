@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ZOO_MODELS
-from lwq.cli import main
+from cli.main import main
 from lwq.eval.perplexity import perplexity_of_text
 from lwq.models import load_model_dir
 from lwq.zoo.corpus import SPLITS, split_of

@@ -1,0 +1,1 @@
+"""The ``lwq`` command line (outside the pure library, which it drives)."""

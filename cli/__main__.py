@@ -1,0 +1,7 @@
+"""``python -m cli``: the ``lwq`` command."""
+
+import sys
+
+from cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,310 @@
+"""The ``lwq`` command line: argument parsing and the library's commands.
+
+The command line lives outside the pure library: ``lwq run`` (``cli.workflow``)
+drives the Prefect flows, which ``lwq/`` never imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cli.options import add_quantize_args, config_from_args, parse_budgets
+from cli.workflow import add_run_parser
+from lwq.errors import LwqError
+
+
+def _cmd_zoo_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lwq.zoo.build import ZOO_SPECS, build_zoo
+
+    specs = [s for s in ZOO_SPECS if not args.models or s.name in args.models]
+    unknown = set(args.models or ()) - {s.name for s in ZOO_SPECS}
+    if unknown:
+        names = ", ".join(s.name for s in ZOO_SPECS)
+        raise LwqError(f"--models: unknown model(s) {sorted(unknown)}; the zoo has {names}")
+    if args.steps is not None:
+        specs = [dataclasses.replace(s, steps=args.steps) for s in specs]
+    command = shlex.join(["lwq", *argv])
+    cards = build_zoo(args.out, deb=args.deb, specs=specs, command=command)
+    print(f"zoo written to {args.out.resolve()}")
+    header = (
+        "model",
+        "parameters",
+        "tokens seen",
+        "train time (s)",
+        "final loss",
+        "validation ppl",
+        "vocab",
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|---|---|---|---|---|---|---|")
+    for c in cards:
+        print(
+            f"| {c.name} | {c.n_params:,} | {c.tokens_seen:,} | {c.train_seconds:.0f} | "
+            f"{c.final_train_loss:.3f} | {c.validation_perplexity:.2f} | {c.vocab_size} |"
+        )
+    return 0
+
+
+def _load_any(path: Path) -> tuple[Any, Any]:
+    """A packed lwq checkpoint or a plain Hugging Face model directory."""
+    from lwq.models import load_model_dir
+    from lwq.pack.checkpoint import MANIFEST, load_quantized
+
+    if (path / MANIFEST).is_file():
+        model, tokenizer, _ = load_quantized(path)
+        return model, tokenizer
+    return load_model_dir(path)
+
+
+def _cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lwq.eval.perplexity import perplexity_of_text
+    from lwq.models import context_window
+    from lwq.textio import read_text
+
+    model, tokenizer = _load_any(args.model)
+    if args.tasks:
+        from lwq.eval.harness import evaluate_tasks
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        results = evaluate_tasks(
+            model, tokenizer, tasks, data=args.data, max_length=args.seq_len, limit=args.limit
+        )
+        print(json.dumps(results, indent=1))
+        return 0
+    if args.data is None:
+        raise LwqError("lwq eval needs --data TEXT_FILE (perplexity) or --tasks")
+    text = read_text(args.data)
+    seq_len = context_window(model.config, args.seq_len)
+    res = perplexity_of_text(model, tokenizer, text, seq_len, args.batch_size, progress=True)
+    print(
+        f"{args.model}: perplexity {res.perplexity:.4f} on {args.data} "
+        f"({res.n_tokens:,} predicted tokens, {res.n_windows} windows of {res.seq_len})"
+    )
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lwq.quantize import quantize
+
+    config = config_from_args(args)
+    report = quantize(config, progress=not args.quiet)
+    bits = report.manifest.bits
+    print(f"checkpoint: {report.out}")
+    a = report.manifest.allocation
+    if a is not None:
+        ratios = [x.ratio for x in a.layers]
+        print(
+            f"{len(ratios)} layers quantized (lwq, {config.method.hi_bits}/"
+            f"{config.method.lo_bits}-bit, objective {a.objective}) in {report.seconds:.1f} s; "
+            f"ratios {min(ratios):.2%}..{max(ratios):.2%}, predicted KL {a.predicted_kl:.4f}"
+        )
+    else:
+        print(
+            f"{len(report.layers)} layers quantized ({config.quant.method}, "
+            f"{config.quant.bits}-bit, group {config.quant.group_size}) in {report.seconds:.1f} s"
+        )
+    print(
+        f"bits per quantized weight: {bits.from_bytes:.4f} measured from the files "
+        f"({bits.from_model:.4f} by the cost model)"
+    )
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lwq.sweep import sweep
+
+    config = config_from_args(args, method="lwq")
+    report = sweep(config, parse_budgets(args.budgets), args.data, progress=not args.quiet)
+    print(report.table())
+    print(
+        f"\n{len(report.rows)} checkpoints under {report.out} in {report.seconds:.1f} s "
+        f"(sensitivity profile once: {report.prepare_seconds:.1f} s); "
+        "pareto.md, pareto.json, pareto.png, allocation.png beside them"
+    )
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lwq.pack.checkpoint import read_manifest
+
+    m = read_manifest(args.checkpoint, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(m.to_json(), indent=1))
+        return 0
+    q, bits = m.quantization, m.bits
+    print(
+        f"{args.checkpoint}: {m.format} v{m.format_version}, "
+        f"{m.model_type} ({len(m.layers)} quantized layers)"
+    )
+    print(f"base model: {m.base_model.path} (weights sha256 {m.base_model.weights_sha256[:16]}...)")
+    calib = "none" if q.calibration is None else q.calibration.model_dump()
+    print(f"method: {q.method}; mode: {q.mode or '-'}; calibration: {calib}")
+    print(f"code version: {q.code_version[:16]}...")
+    print(
+        f"bits per quantized weight: {bits.from_bytes:.4f} from bytes, "
+        f"{bits.from_model:.4f} from the cost model, over {bits.n_quantized_weights:,} "
+        f"weights; unquantized tensors {bits.unquantized_bytes:,} bytes; total "
+        f"{bits.total_bytes:,} bytes"
+    )
+    print("files verified against their SHA-256" if not args.no_verify else "files not verified")
+    print()
+    print("| layer | shape | lo grid | hi grid | high-impact | bytes | bits/weight |")
+    print("|---|---|---|---|---|---|---|")
+    for name, lm in m.layers.items():
+        n = lm.n_weights
+        lo = f"{lm.lo.bits}b g{lm.lo.group_size}"
+        hi = "-" if lm.hi is None else f"{lm.hi.bits}b g{lm.hi.group_size}"
+        print(
+            f"| {name} | {lm.shape[0]}x{lm.shape[1]} | {lo} | {hi} | "
+            f"{lm.n_hi / n:.2%} | {lm.nbytes:,} | {lm.nbytes * 8 / n:.3f} |"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lwq",
+        description="Post-training quantization of causal LMs with layer-wise "
+        "high-impact ratios (arXiv:2511.17801).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="the reference model zoo")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zoo_sub.add_parser(
+        "build",
+        help="fetch the corpus from Debian, train the tokenizer and the zoo models",
+        description="Fetch python3.11-doc from the Debian registry, split it by file, "
+        "train a byte-level BPE tokenizer and the reference models on the CPU, and write "
+        "Hugging Face directories with model cards. The previous zoo is replaced only "
+        "when the whole build succeeded.",
+    )
+    build.add_argument("--out", type=Path, default=Path("zoo"), help="zoo directory (default: zoo)")
+    build.add_argument(
+        "--deb",
+        type=Path,
+        default=None,
+        help="use this python3.11-doc .deb instead of downloading it",
+    )
+    build.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="build only these models (default: all)",
+    )
+    build.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="override the number of training steps (for quick trials)",
+    )
+    build.set_defaults(func=_cmd_zoo_build)
+
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity or lm-eval tasks of a model or packed checkpoint",
+        description="Perplexity with the GPTQ/AWQ protocol: the text is tokenised once and "
+        "cut into non-overlapping windows of the model's context length. With --tasks, "
+        "runs lm-evaluation-harness on the in-memory model instead.",
+    )
+    ev.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="Hugging Face model directory or packed lwq checkpoint",
+    )
+    ev.add_argument("--data", type=Path, help="UTF-8 text file (or folder of .txt files)")
+    ev.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-evaluation-harness tasks instead of the built-in "
+        "perplexity: lwq_text_perplexity (over --data, offline) or standard "
+        "tasks such as piqa,arc_easy,hellaswag,winogrande (need the hub)",
+    )
+    ev.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    ev.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="window length (default: the model's context, at most 2048 tokens; the rule "
+        "every command and the workflow use)",
+    )
+    ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    ev.set_defaults(func=_cmd_eval)
+
+    qz = sub.add_parser(
+        "quantize",
+        help="quantize a model into a packed checkpoint",
+        description="Quantize every linear layer of the decoder blocks (embeddings and the "
+        "head stay 16-bit) and write a packed checkpoint whose manifest reports the bits "
+        "per weight measured from the files. Settings come from --config (YAML, unknown "
+        "keys are errors) and the flags below, which override it.",
+    )
+    qz.add_argument(
+        "--method",
+        choices=["rtn", "gptq", "lwq"],
+        help="quant.method (default gptq); lwq: the layer-wise ratio method",
+    )
+    qz.add_argument(
+        "--bits",
+        type=float,
+        help="rtn/gptq: quant.bits, 2, 3, 4 or 8 (default 4); lwq: method.budget, "
+        "average bits per weight measured from the files (default 2.5)",
+    )
+    add_quantize_args(qz, "quantize")
+    qz.set_defaults(func=_cmd_quantize)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="lwq at several budgets: one sensitivity profile, a checkpoint per budget",
+        description="Compute the sensitivity profile once, then solve the QP and quantize at "
+        "every budget of --bits, writing OUT/bits-B/ per budget and, in OUT, a Pareto table "
+        "(pareto.md, pareto.json), pareto.png (bits against perplexity on --data) and "
+        "allocation.png (ratio per layer and budget, coloured by module type).",
+    )
+    sw.add_argument(
+        "--bits",
+        dest="budgets",
+        required=True,
+        help="comma-separated budgets, average bits per weight from bytes (e.g. 2.25,2.5,3.0)",
+    )
+    sw.add_argument("--data", type=Path, help="text to measure each checkpoint's perplexity on")
+    add_quantize_args(sw, "sweep")
+    sw.set_defaults(func=_cmd_sweep)
+
+    add_run_parser(sub)
+
+    info = sub.add_parser("info", help="show a packed checkpoint's manifest, bits and layers")
+    info.add_argument("checkpoint", type=Path, help="packed checkpoint directory")
+    info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    info.add_argument("--no-verify", action="store_true", help="skip the SHA-256 checks")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args, argv))
+    except LwqError as err:
+        print(f"lwq: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Command-line options shared by quantize, sweep and run, and their mapping to settings."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lwq.errors import LwqError
+
+
+def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any:
+    """The configuration: --config, then the flags that were given."""
+    from lwq.config import load_config, with_overrides
+
+    base = load_config(args.config)
+    method = method or args.method or base.quant.method
+    bits_key = "method.budget" if method == "lwq" else "quant.bits"
+    bits_arg = getattr(args, "bits", None)
+    if bits_arg is not None and method != "lwq" and not float(bits_arg).is_integer():
+        raise LwqError(
+            f"--bits {bits_arg}: rtn and gptq take whole bits (2, 3, 4, 8); "
+            "a fractional budget needs --method lwq"
+        )
+    bits = None if bits_arg is None else (bits_arg if method == "lwq" else int(bits_arg))
+    return with_overrides(
+        base,
+        {
+            "model": None if args.model is None else str(args.model),
+            "out": None if getattr(args, "out", None) is None else str(args.out),
+            "overwrite": True if getattr(args, "overwrite", False) else None,
+            "device": args.device,
+            "calib.source": args.calib,
+            "calib.n_samples": args.n_samples,
+            "calib.seq_len": args.seq_len,
+            "calib.seed": args.seed,
+            "calib.mode": getattr(args, "mode", None),
+            "quant.method": method if method != base.quant.method else None,
+            bits_key: bits,
+            "method.objective": args.objective,
+            "method.curve": args.curve,
+            "method.hi_bits": args.hi_bits,
+            "method.lo_bits": args.lo_bits,
+            "method.scoring": args.scoring,
+            "method.ties": args.ties,
+            "method.hi_refine": args.hi_refine,
+            ("method.group_size" if method == "lwq" else "quant.group_size"): args.group_size,
+            "quant.symmetric": True if getattr(args, "symmetric", False) else None,
+            "gptq.act_order": True if args.act_order else None,
+            "gptq.damp": args.damp,
+        },
+    )
+
+
+def parse_budgets(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise LwqError(f"--bits {text!r}: give comma-separated numbers, e.g. 2.25,2.5,3.0") from err
+
+
+def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
+    """Flags of quantize, sweep and run (each overrides its --config key).
+
+    A command gets only the flags that apply to it: run writes to
+    pipeline.storage (no --out) and always quantizes layers in parallel mode
+    (no --mode); sweep and run always run the method (no --symmetric).
+    """
+    p.add_argument("--config", type=Path, default=None, help="YAML configuration file")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="Hugging Face model directory (model); for a zoo model the zoo's "
+        "data/calibration.txt is the default --calib",
+    )
+    if command != "run":
+        p.add_argument(
+            "--out",
+            type=Path,
+            help="output directory (out): the checkpoint, or for sweep the folder of checkpoints",
+        )
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace an existing checkpoint in --out (overwrite)",
+        )
+    p.add_argument(
+        "--objective",
+        choices=["full", "diagonal", "fixed"],
+        help="lwq: method.objective (default full: with cross-layer terms)",
+    )
+    p.add_argument(
+        "--curve",
+        choices=["power", "chord"],
+        help="lwq: method.curve, each layer's output change against its ratio (default "
+        "power: fitted from a third probe at method.r_mid; chord: linear)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help=(
+            "quant.group_size (lwq: method.group_size): input columns per scale, "
+            "-1 per row (default 128)"
+            if command == "quantize"
+            else "method.group_size: input columns per scale of both grids (default 128)"
+        ),
+    )
+    if command == "quantize":
+        p.add_argument(
+            "--symmetric", action="store_true", help="quant.symmetric grid (rtn and gptq)"
+        )
+    p.add_argument("--calib", help="calib.source: text file, folder, or hf://NAME/CONFIG/SPLIT")
+    p.add_argument("--n-samples", type=int, help="calib.n_samples (default 128)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        help="calib.seq_len (default: the model's context, at most 2048 tokens)",
+    )
+    p.add_argument("--seed", type=int, help="calib.seed (default 0)")
+    if command != "run":
+        p.add_argument(
+            "--mode", choices=["parallel", "sequential"], help="calib.mode (default sequential)"
+        )
+    p.add_argument("--act-order", action="store_true", help="gptq.act_order")
+    p.add_argument("--damp", type=float, help="gptq.damp (default 0.01)")
+    p.add_argument("--device", help="device (default cpu)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--hi-bits",
+        type=int,
+        help="method.hi_bits of the high-impact weights (default 4; 16 = float16 values)",
+    )
+    p.add_argument("--lo-bits", type=int, help="method.lo_bits of the other weights (default 2)")
+    p.add_argument(
+        "--scoring",
+        choices=["obs", "act", "fisher"],
+        help="method.scoring of high-impact weights (default obs)",
+    )
+    p.add_argument(
+        "--ties",
+        choices=["none", "inputs", "block"],
+        help="method.ties: one ratio for layers sharing an input or a block (default none)",
+    )
+    p.add_argument(
+        "--hi-refine",
+        choices=["none", "lwc"],
+        help="method.hi_refine: lwc learns the high grid's clipping (default none)",
+    )

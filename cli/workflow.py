@@ -1,0 +1,102 @@
+"""``lwq run``: the workflow command (Prefect flows, MLflow registry, checkpoint storage)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cli.options import add_quantize_args, config_from_args, parse_budgets
+from lwq.config import with_overrides
+from lwq.errors import LwqError
+
+
+def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    # Prefect's ephemeral server needs more than its default 20 s on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    config = config_from_args(args, method="lwq")
+    config = with_overrides(
+        config,
+        {
+            "pipeline.work_dir": None if args.work_dir is None else str(args.work_dir),
+            "pipeline.storage": args.storage,
+            "pipeline.registry_name": args.registry_name,
+            "pipeline.eval_data": None if args.data is None else str(args.data),
+            "pipeline.task_runner": args.task_runner,
+            "pipeline.dask_address": args.dask_address,
+            "pipeline.dask_workers": args.dask_workers,
+        },
+    )
+    budgets = None if args.budgets is None else parse_budgets(args.budgets)
+    try:
+        from flows.compress import run
+    except ImportError as err:
+        raise LwqError(f"lwq run needs the pipeline packages (tasks, flows): {err}") from err
+    for res in run(config, budgets):
+        r, reg = res.report, res.registered
+        ppl = "-" if r.perplexity is None else f"{r.perplexity:.3f}"
+        fp_ppl = "-" if r.perplexity_fp is None else f"{r.perplexity_fp:.3f}"
+        print(f"budget {res.budget:g}: checkpoint {res.uri}")
+        print(
+            f"  registered {reg.name} version {reg.version} "
+            f"({', '.join(reg.aliases) or 'no alias'}{'' if reg.new else ', already registered'})"
+        )
+        print(
+            f"  bits {r.bits:.4f} (from bytes), perplexity {ppl} (full precision {fp_ppl}), "
+            f"predicted KL {r.predicted_kl:.4f}"
+        )
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())
+        print(f"  stages: {stages}")
+        print(f"  cache: {', '.join(f'{k} {v}' for k, v in res.cache.items())}")
+    return 0
+
+
+def add_run_parser(sub: Any) -> None:
+    rn = sub.add_parser(
+        "run",
+        help="the workflow: quantize, evaluate, store and register (Prefect + MLflow)",
+        description="Run the Prefect flow calibrate -> sensitivity -> QP solve -> per-layer "
+        "quantization -> pack -> evaluate -> upload -> register. With nothing configured it "
+        "runs locally: Prefect's ephemeral server, MLflow on WORK_DIR/mlflow.db with its "
+        "artifacts in WORK_DIR/mlartifacts, checkpoints in WORK_DIR/store. Point it at servers "
+        "with PREFECT_API_URL, MLFLOW_TRACKING_URI (or pipeline.tracking_uri) and --storage "
+        "s3://BUCKET/PREFIX with AWS_ENDPOINT_URL. Stages are cached by content and by the "
+        "code version that computed them: a rerun, or a rerun after a crash, recomputes only "
+        "what changed (inputs or code), and registers nothing twice. Layers are quantized "
+        "independently from full-precision Hessians (parallel mode).",
+    )
+    rn.add_argument(
+        "--bits",
+        dest="budgets",
+        help="method.budget, or several comma-separated budgets (a sweep)",
+    )
+    rn.add_argument(
+        "--data",
+        type=Path,
+        help="pipeline.eval_data: text for the perplexities (a zoo model: its validation slice)",
+    )
+    rn.add_argument("--work-dir", type=Path, help="pipeline.work_dir (default .lwq)")
+    rn.add_argument("--storage", help="pipeline.storage: a folder or s3://BUCKET/PREFIX")
+    rn.add_argument("--registry-name", help="pipeline.registry_name (default lwq-<model>)")
+    rn.add_argument(
+        "--task-runner",
+        choices=["local", "dask"],
+        help="pipeline.task_runner (default local). dask needs a Prefect server "
+        "(PREFECT_API_URL) and quantizes layers on a Dask cluster",
+    )
+    rn.add_argument(
+        "--dask-address",
+        help="pipeline.dask_address: an existing Dask scheduler (its workers started with "
+        "--preload tasks.worker, sharing WORK_DIR); default a local cluster",
+    )
+    rn.add_argument(
+        "--dask-workers",
+        type=int,
+        help="pipeline.dask_workers: single-threaded worker processes of the local cluster "
+        "(default 2)",
+    )
+    add_quantize_args(rn, "run")
+    rn.set_defaults(func=cmd_run)

@@ -1,0 +1,383 @@
+"""The method's state: everything a budget needs, computed once per model and calibration.
+
+``prepare`` walks the full-precision model block by block (docs/method.md,
+"Stages"): each block's input Hessians give its layers' saliency rankings,
+exact cost curves and probe weights, and then go to disk (``HessianStore``,
+for a workflow whose layer tasks read them) or are dropped. The sensitivity
+profile follows from the probes. ``allocate`` solves the QP for one budget;
+``MethodState.job`` turns a layer's ratio into the ``LayerJob`` that
+``lwq.quant.layer.quantize_layer`` runs. A sweep calls ``prepare`` once.
+
+A state on disk is safetensors plus JSON (never a pickle) and carries the code
+version that computed it; ``load_state`` refuses a state of other code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lwq.adapters import ModelAdapter
+from lwq.calibration import CalibrationSet
+from lwq.config import LwqConfig
+from lwq.errors import LwqError
+from lwq.fileio import load_tensors, save_tensors, write_json
+from lwq.method.cost import LayerCost, layer_cost
+from lwq.method.fisher import fisher_diagonal
+from lwq.method.layer import job_at_ratio
+from lwq.method.qp import Allocation, ProbeInfo, SensitivityProfile, solve_allocation, total_bits
+from lwq.method.saliency import ranking, saliency
+from lwq.method.sensitivity import ProbeSettings, probe_levels, sensitivity_profile
+from lwq.pack.layer import grid_from_meta, grid_meta
+from lwq.pack.manifest import AllocationReport, GridMeta, LayerAllocation, ProfileInfo
+from lwq.provenance import code_version
+from lwq.quant.grid import GridSpec
+from lwq.quant.layer import LayerJob, quantize_layer
+from lwq.stats import BlockStats, InMemoryCausalLM, iter_block_stats
+
+log = logging.getLogger(__name__)
+
+# safetensors header and metadata of one block file (136-152 bytes measured),
+# reserved from the budget so that the bits measured from the files meet it.
+HEADER_ALLOWANCE_BYTES = 160
+# Below this many calibration sequences the profile's rank correlation with the
+# measured KL degrades visibly (benchmarks/method.py runs 128).
+MIN_PROFILE_SEQUENCES = 32
+STATE_VERSION = 2
+STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
+TieGroups = tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]
+
+
+def method_code_version() -> str:
+    """The code version of everything ``prepare`` and the layer quantization run."""
+    return code_version("lwq.method.state")
+
+
+@dataclass(frozen=True)
+class MethodState:
+    names: tuple[str, ...]
+    orders: dict[str, torch.Tensor]  # saliency rankings (flat indices, best first)
+    costs: tuple[LayerCost, ...]
+    profile: SensitivityProfile
+    lo: GridSpec
+    hi: GridSpec
+    n_blocks: int
+    seconds: dict[str, float]
+    # Layer indices that ``method.ties`` constrains to one ratio, per mode.
+    tie_groups: TieGroups = ()
+    code_version: str = field(default_factory=method_code_version)
+    version: int = STATE_VERSION
+
+    def ties(self, mode: str) -> tuple[tuple[int, ...], ...]:
+        return dict(self.tie_groups).get(mode, ())
+
+    def job(self, name: str, ratio: float) -> LayerJob:
+        cost = self.costs[self.names.index(name)]
+        return job_at_ratio(name, self.orders[name], cost.shape, ratio, self.lo, self.hi)
+
+
+class HessianStore:
+    """Input Hessians on disk: one safetensors file per input group (q, k, v share one).
+
+    ``index.json`` maps each layer to its file; it is written by ``close``, so a
+    store without it is unfinished.
+    """
+
+    INDEX = "index.json"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.index: dict[str, str] = {}
+
+    def put_block(self, step: BlockStats) -> None:
+        files: dict[int, str] = {}  # id of the shared tensor -> its file
+        for name, H in step.hessians.items():
+            if id(H) not in files:
+                files[id(H)] = f"{name}.safetensors"
+                self.directory.mkdir(parents=True, exist_ok=True)
+                save_tensors({"H": H}, self.directory / files[id(H)])
+            self.index[name] = files[id(H)]
+
+    def close(self) -> None:
+        write_json(self.index, self.directory / self.INDEX)
+
+    @classmethod
+    def open(cls, directory: Path) -> HessianStore:
+        store = cls(directory)
+        try:
+            store.index = json.loads((Path(directory) / cls.INDEX).read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise LwqError(f"{directory}: the Hessians were not all written; recompute") from err
+        return store
+
+    def get(self, name: str) -> torch.Tensor:
+        tensors, _ = load_tensors(self.directory / self.index[name])
+        return tensors["H"]
+
+
+def tie_groups(names: tuple[str, ...], adapter: ModelAdapter) -> TieGroups:
+    """Groups of layer indices sharing an input (q/k/v, gate/up) and sharing a block."""
+    by_input: dict[tuple[int, int], list[int]] = {}
+    by_block: dict[int, list[int]] = {}
+    for i, name in enumerate(names):
+        block = adapter.block_index(name)
+        by_input.setdefault((block, adapter.input_group(name)), []).append(i)
+        by_block.setdefault(block, []).append(i)
+    keep = lambda groups: tuple(tuple(g) for g in groups if len(g) > 1)  # noqa: E731
+    return (("inputs", keep(by_input.values())), ("block", keep(by_block.values())))
+
+
+def probe_settings(config: LwqConfig) -> ProbeSettings:
+    m = config.method
+    return ProbeSettings(
+        m.r_max,
+        m.sketch_dim,
+        config.calib.seed,
+        config.calib.batch_size,
+        m.r_mid if m.curve == "power" else None,
+    )
+
+
+def prepare(
+    model: Any,
+    adapter: ModelAdapter,
+    calib: CalibrationSet,
+    config: LwqConfig,
+    hessians: Path | None = None,
+    progress: bool = True,
+) -> MethodState:
+    """Saliency rankings, cost curves and the sensitivity profile of ``model``.
+
+    With ``hessians`` the input Hessians are written there (``HessianStore``)
+    block by block; without, each is dropped once its block's layers are scored
+    and probed.
+    """
+    m = config.method
+    lo, hi = m.grids()
+    n_layers = len(adapter.layer_names(model))
+    if calib.n_samples < MIN_PROFILE_SEQUENCES:
+        log.warning(
+            "calibration too small: the output-Fisher estimate of the sensitivity profile "
+            "had %d sequences (%d tokens) for %d layers; use at least %d (calib.n_samples)",
+            calib.n_samples,
+            calib.n_samples * calib.seq_len,
+            n_layers,
+            MIN_PROFILE_SEQUENCES,
+        )
+    seconds = {"calibration": 0.0, "saliency": 0.0, "probes": 0.0}
+    t = time.perf_counter()
+    fisher = fisher_diagonal(model, adapter, calib, progress) if m.scoring == "fisher" else {}
+    seconds["fisher"] = time.perf_counter() - t
+    store = None if hessians is None else HessianStore(hessians)
+    probe_gptq = config.gptq.settings() if m.probe_quantizer == "gptq" else None
+    settings = probe_settings(config)
+    levels = probe_levels(settings)
+    orders: dict[str, torch.Tensor] = {}
+    costs: list[LayerCost] = []
+    probes: dict[str, tuple[torch.Tensor, ...]] = {}
+    source = InMemoryCausalLM(model, adapter)
+    t = time.perf_counter()
+    for step in iter_block_stats(source, calib, "parallel", config.calib.batch_size, progress):
+        seconds["calibration"] += time.perf_counter() - t
+        for name, mod in step.layers.items():
+            t = time.perf_counter()
+            W = adapter.read_weight(mod)  # (d_out, d_in)
+            H = step.hessians[name]
+            scores = saliency(W, H, m.scoring, fisher.get(name), damp=config.gptq.damp, name=name)
+            orders[name] = ranking(scores)
+            shape = (int(W.shape[0]), int(W.shape[1]))
+            costs.append(layer_cost(name, orders[name], shape, lo, hi))
+            seconds["saliency"] += time.perf_counter() - t
+            t = time.perf_counter()
+            probes[name] = tuple(
+                quantize_layer(
+                    W, H, job_at_ratio(name, orders[name], shape, r, lo, hi), probe_gptq
+                ).weight.dequantize()
+                for r in levels
+            )
+            seconds["probes"] += time.perf_counter() - t
+        if store is not None:
+            store.put_block(step)
+        t = time.perf_counter()
+    if store is not None:
+        store.close()
+    names = tuple(orders)
+    t = time.perf_counter()
+    profile = sensitivity_profile(model, adapter, calib, probes, list(names), settings, progress)
+    seconds["sensitivity"] = time.perf_counter() - t
+    del probes
+    return MethodState(
+        names,
+        orders,
+        tuple(costs),
+        profile,
+        lo,
+        hi,
+        len(adapter.get_blocks(model)),
+        seconds,
+        tie_groups(names, adapter),
+    )
+
+
+def _reserve(state: MethodState) -> float:
+    """Bits per weight the files add beyond the layers' payload (headers)."""
+    n = sum(c.n for c in state.costs)
+    return state.n_blocks * HEADER_ALLOWANCE_BYTES * 8 / n
+
+
+def allocate(state: MethodState, config: LwqConfig, budget: float | None = None) -> Allocation:
+    m = config.method
+    return solve_allocation(
+        state.profile,
+        state.costs,
+        m.budget if budget is None else budget,
+        m.objective,
+        m.solver,
+        ties=state.ties(m.ties),
+        iterations=4,
+        tol=m.solver_tol,
+        overhead=_reserve(state),
+    )
+
+
+def fixed_allocation(state: MethodState, ratio: float) -> Allocation:
+    """Every layer at ``ratio`` whatever it costs (e.g. SqueezeLLM's 0.45 % in float16)."""
+    n = sum(c.n for c in state.costs)
+    ratios = tuple(ratio for _ in state.names)
+    return Allocation(
+        names=state.names,
+        ratios=ratios,
+        objective="fixed",
+        budget=float("nan"),
+        bits=total_bits(state.costs, ratios) / n + _reserve(state),
+        predicted_loss=state.profile.predicted_loss(ratios),
+        solver="none",
+        seconds=0.0,
+        iterations=0,
+    )
+
+
+def largest_first(state: MethodState) -> list[int]:
+    """Layer indices by decreasing quantization work (d_in^2 (d_out + d_in / 3): the
+    inverse Hessian and the column sweep), so parallel workers finish together."""
+    work = [c.shape[1] ** 2 * (c.shape[0] + c.shape[1] / 3) for c in state.costs]
+    return sorted(range(len(work)), key=lambda i: (-work[i], i))
+
+
+def allocation_report(
+    state: MethodState, alloc: Allocation, output_error: dict[str, float | None]
+) -> AllocationReport:
+    per_layer = state.profile.per_layer_loss(alloc.ratios)
+    layers = [
+        LayerAllocation(
+            name=name,
+            ratio=r,
+            n_hi=state.costs[i].n_hi(r),
+            bits_per_weight=state.costs[i].bits(r) / state.costs[i].n,
+            predicted_loss=float(per_layer[i]),
+            output_error=output_error.get(name),
+        )
+        for i, (name, r) in enumerate(zip(alloc.names, alloc.ratios, strict=True))
+    ]
+    p = state.profile
+    probe = p.probe or ProbeInfo(0, None, 0, "", 0.0)
+    return AllocationReport(
+        objective=alloc.objective,
+        budget=None if alloc.budget != alloc.budget else alloc.budget,  # NaN: a fixed ratio
+        bits_cost_model=alloc.bits,
+        predicted_kl=alloc.predicted_loss,
+        solver=alloc.solver,
+        solve_seconds=alloc.seconds,
+        layers=layers,
+        profile=ProfileInfo(
+            r_max=p.r_max,
+            n_tokens=p.n_tokens,
+            sketch_dim=probe.sketch_dim,
+            r_mid=probe.r_mid,
+            seed=probe.seed,
+            calib_sha256=probe.calib_sha256,
+            seconds=probe.seconds,
+        ),
+    )
+
+
+def save_state(state: MethodState, directory: Path) -> Path:
+    """Write ``state`` into ``directory``: tensors, then the JSON that says it is complete."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    p = state.profile
+    tensors = {"AtA": p.AtA, "AtB": p.AtB, "BtB": p.BtB}
+    if p.gamma is not None:
+        tensors["gamma"] = p.gamma
+    for i, name in enumerate(state.names):
+        tensors[f"order.{i}"] = state.orders[name]
+        tensors[f"ranks.{i}"] = state.costs[i].activation_ranks
+    save_tensors(tensors, directory / STATE_TENSORS)
+    probe = None if p.probe is None else p.probe.__dict__
+    doc = {
+        "version": state.version,
+        "code_version": state.code_version,
+        "names": list(state.names),
+        "shapes": [list(c.shape) for c in state.costs],
+        "lo": grid_meta(state.lo).model_dump(),
+        "hi": grid_meta(state.hi).model_dump(),
+        "n_blocks": state.n_blocks,
+        "seconds": state.seconds,
+        "tie_groups": [[mode, [list(g) for g in groups]] for mode, groups in state.tie_groups],
+        "profile": {"r_max": p.r_max, "n_tokens": p.n_tokens, "probe": probe},
+    }
+    write_json(doc, directory / STATE_JSON)  # last: its presence means complete
+    return directory
+
+
+def load_state(directory: Path, expect_code: str | None = None) -> MethodState:
+    """The state ``save_state`` wrote; with ``expect_code``, only if that code wrote it."""
+    directory = Path(directory)
+    try:
+        doc = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError) as err:
+        raise LwqError(f"{directory}: no complete method state; recompute it") from err
+    if doc.get("version") != STATE_VERSION:
+        raise LwqError(f"{directory}: a method state of another lwq version; recompute it")
+    if expect_code is not None and doc.get("code_version") != expect_code:
+        raise LwqError(
+            f"{directory}: the method state was computed by other code "
+            f"({str(doc.get('code_version'))[:12]}, this is {expect_code[:12]}); recompute it"
+        )
+    tensors, _ = load_tensors(directory / STATE_TENSORS)
+    names = tuple(doc["names"])
+    lo = grid_from_meta(GridMeta.model_validate(doc["lo"]))
+    hi = grid_from_meta(GridMeta.model_validate(doc["hi"]))
+    costs = tuple(
+        LayerCost(name, (int(s[0]), int(s[1])), lo, hi, tensors[f"ranks.{i}"])
+        for i, (name, s) in enumerate(zip(names, doc["shapes"], strict=True))
+    )
+    prof = doc["profile"]
+    profile = SensitivityProfile(
+        names,
+        float(prof["r_max"]),
+        tensors["AtA"],
+        tensors["AtB"],
+        tensors["BtB"],
+        int(prof["n_tokens"]),
+        None if prof["probe"] is None else ProbeInfo(**prof["probe"]),
+        gamma=tensors.get("gamma"),
+    )
+    return MethodState(
+        names,
+        {name: tensors[f"order.{i}"] for i, name in enumerate(names)},
+        costs,
+        profile,
+        lo,
+        hi,
+        int(doc["n_blocks"]),
+        {k: float(v) for k, v in doc["seconds"].items()},
+        tuple((mode, tuple(tuple(g) for g in groups)) for mode, groups in doc["tie_groups"]),
+        str(doc["code_version"]),
+    )

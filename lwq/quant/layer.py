@@ -1,0 +1,80 @@
+"""One layer, one job: the single entry point every quantization path goes through.
+
+A ``LayerJob`` says how to quantize one (d_out, d_in) weight: its ``lo`` grid
+and, for the method's mixed layers, the high-impact ``mask`` and its ``hi``
+grid. Uniform RTN and GPTQ are the job without a mask; the layer-wise method
+(docs/method.md, "Quantization of one layer") is the job with one. With a
+Hessian and GPTQ settings the layer gets one (mixed-precision) GPTQ pass,
+otherwise round-to-nearest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lwq.quant.gptq import GPTQSettings, gptq_quantize
+from lwq.quant.grid import GridSpec
+from lwq.quant.lwc import LWCSettings, learn_clipping
+from lwq.quant.rtn import rtn_quantize
+from lwq.quant.types import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    name: str
+    lo: GridSpec
+    hi: GridSpec | None = None
+    mask: torch.Tensor | None = None  # (d_out, d_in) bool: True -> the hi grid
+
+    def __post_init__(self) -> None:
+        assert (self.mask is None) == (self.hi is None), "a mask needs its hi grid"
+
+
+@dataclass(frozen=True)
+class LayerOutcome:
+    weight: QuantizedWeight
+    gptq_loss: float | None  # GPTQ's proxy loss; None for RTN
+    # tr(dW H dW^T) / tr(W H W^T): the layer's relative output error on the
+    # calibration inputs; None unless measured (it costs two more matmuls).
+    output_error: float | None
+
+
+def relative_output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(dW H dW^T) / tr(W H W^T) for W, Wq (d_out, d_in) and H (d_in, d_in)."""
+    dW = W - Wq
+    return float(((dW @ H) * dW).sum() / ((W @ H) * W).sum().clamp(min=1e-30))
+
+
+def quantize_layer(
+    W: torch.Tensor,
+    H: torch.Tensor | None,
+    job: LayerJob,
+    gptq: GPTQSettings | None,
+    lwc: LWCSettings | None = None,
+    measure_error: bool = False,
+) -> LayerOutcome:
+    """Quantize ``W`` (d_out, d_in) as ``job`` says.
+
+    GPTQ when ``gptq`` is given (it needs ``H``), else RTN. ``lwc`` learns the
+    high grid's clipping first (GPTQ with an integer high grid only).
+    ``measure_error`` reports the relative output error (needs ``H``).
+    """
+    mask = job.mask if job.mask is not None and bool(job.mask.any()) else None
+    hi = job.hi if mask is not None else None
+    loss: float | None = None
+    if gptq is None:
+        qw = rtn_quantize(W, job.lo, mask, hi)
+    else:
+        if H is None:
+            raise ValueError(f"{job.name}: GPTQ needs the layer's input Hessian")
+        hi_grid = None
+        if lwc is not None and mask is not None and hi is not None and not hi.is_float:
+            hi_grid = learn_clipping(W, H, mask, hi, lwc)
+        res = gptq_quantize(W, H, job.lo, gptq, mask=mask, hi=hi, name=job.name, hi_grid=hi_grid)
+        qw, loss = res.weight, res.loss
+    error = None
+    if measure_error and H is not None:
+        error = relative_output_error(W, qw.dequantize(), H)
+    return LayerOutcome(qw, loss, error)
