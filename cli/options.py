@@ -70,8 +70,9 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument(
         "--model",
         type=Path,
-        help="Hugging Face model directory (model); for a zoo model the zoo's "
-        "data/calibration.txt is the default --calib",
+        help="Hugging Face model directory, .gguf file or real model name such as "
+        "smollm2-135m (model); for a zoo model the zoo's data/calibration.txt is the "
+        "default --calib",
     )
     if command != "run":
         p.add_argument(

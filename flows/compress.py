@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.context import get_run_context
 
-from lwq.config import LwqConfig, with_zoo_defaults
+from lwq.config import LwqConfig, resolve_inputs
 from tasks.runners import task_runner_for
 from tasks.stages import (
     EvalReport,
@@ -173,7 +173,7 @@ def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressR
     a zoo model gets the zoo's calibration and validation slices as defaults.
     """
     config.check_for("run")
-    config = with_zoo_defaults(config, evaluation=True)
+    config = resolve_inputs(config, evaluation=True)
     options: dict[str, Any] = {
         "task_runner": task_runner_for(config.pipeline),
         # Task results (and so the caches) live with the rest of the work.

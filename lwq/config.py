@@ -358,18 +358,25 @@ def with_overrides(config: LwqConfig, overrides: dict[str, Any]) -> LwqConfig:
     return make_config(data)
 
 
-def with_zoo_defaults(config: LwqConfig, evaluation: bool = False) -> LwqConfig:
-    """A model of a zoo folder gets the zoo's data slices as defaults.
+def resolve_inputs(config: LwqConfig, evaluation: bool = False) -> LwqConfig:
+    """The model as a local directory, and the zoo's data slices as defaults.
 
-    For ``zoo/<model>``, ``zoo/data/calibration.txt`` is the calibration text
-    (when the method uses one and none is given) and, with ``evaluation`` (the
-    workflow), ``zoo/data/validation.txt`` its evaluation text. The CLI, the
-    Python API and the flows all apply it, so they behave alike.
+    ``model`` may be a Hugging Face directory, a ``.gguf`` file (converted once
+    into the cache) or the name of a real model (``lwq zoo fetch``; fetched
+    once). For ``zoo/<model>``, ``zoo/data/calibration.txt`` is the calibration
+    text (when the method uses one and none is given) and, with ``evaluation``
+    (the workflow), ``zoo/data/validation.txt`` its evaluation text. The CLI,
+    the Python API and the flows all apply it, so they behave alike.
     """
     if config.model is None:
         return config
-    data = Path(config.model).parent / "data"
+    from lwq.realmodels import resolve_model
+
     overrides: dict[str, Any] = {}
+    model = resolve_model(config.model)
+    if str(model) != config.model:
+        overrides["model"] = str(model)
+    data = model.parent / "data"
     calib, validation = data / "calibration.txt", data / "validation.txt"
     if config.quant.method != "rtn" and config.calib.source is None and calib.is_file():
         overrides["calib.source"] = str(calib)

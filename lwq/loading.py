@@ -21,7 +21,7 @@ from torch import nn
 
 from lwq.adapters import ModelAdapter, adapter_for
 from lwq.errors import ModelLoadError
-from lwq.models import check_model_dir
+from lwq.models import check_model_dir, empty_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -93,16 +93,6 @@ def _keys(f: Path) -> list[str]:
         return list(h.keys())
 
 
-def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The model's skeleton: parameters on the meta device, buffers real."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()  # type: ignore[no-any-return]
-
-
 def tied_sources(model: nn.Module) -> dict[str, str]:
     """Parameters that share another's storage (lm_head -> embeddings when tied)."""
     tied = getattr(model, "_tied_weights_keys", None) or {}
@@ -128,8 +118,8 @@ class LazyCausalLM:
         self.device = torch.device(device)
         self.dtype = dtype
         config = AutoConfig.from_pretrained(path)
-        self.adapter: ModelAdapter = adapter_for(config.model_type)
         model = empty_model(config, dtype)
+        self.adapter: ModelAdapter = adapter_for(model)
         self.model: PreTrainedModel = model
         self.index = SafetensorsIndex(self.path)
         self._renamed = {
@@ -239,7 +229,7 @@ def read_layer_weights(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    adapter = adapter_for(config.model_type)
+    adapter = adapter_for(config)
     index = SafetensorsIndex(Path(path))
     renamed = {adapter.model_key(k): k for k in index.weight_map}
     prefix = adapter.blocks.split(".", 1)[0] + "."

@@ -85,3 +85,13 @@ def load_model_dir(
     model.eval()
     model.to(device)  # type: ignore[arg-type]
     return model, tokenizer
+
+
+def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model's skeleton: parameters on the meta device, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()  # type: ignore[no-any-return]

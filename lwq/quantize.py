@@ -21,12 +21,18 @@ import torch
 
 from lwq.adapters import ModelAdapter, adapter_for
 from lwq.calibration import CalibrationSet, build_calibration_set
-from lwq.config import LwqConfig, with_zoo_defaults
+from lwq.config import LwqConfig, resolve_inputs
 from lwq.errors import LwqError
-from lwq.loading import LazyCausalLM, SafetensorsIndex, empty_model
+from lwq.loading import LazyCausalLM, SafetensorsIndex
 from lwq.method.qp import Allocation
 from lwq.method.state import MethodState, allocate, allocation_report, prepare
-from lwq.models import check_model_dir, check_tokenizer, context_window, load_model_dir
+from lwq.models import (
+    check_model_dir,
+    check_tokenizer,
+    context_window,
+    empty_model,
+    load_model_dir,
+)
 from lwq.pack.checkpoint import CheckpointWriter, check_output_dir
 from lwq.pack.layer import PackedLayer, pack_layer
 from lwq.pack.manifest import AllocationReport, CalibrationInfo, Manifest, QuantizationInfo
@@ -226,9 +232,9 @@ def assemble_checkpoint(
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(model_dir)
-    adapter = adapter_for(model_config.model_type)
-    blocks: dict[int, list[PackedLayer]] = {}
     skeleton = empty_model(model_config)  # meta tensors: the layer names, no weights
+    adapter = adapter_for(skeleton)
+    blocks: dict[int, list[PackedLayer]] = {}
     order = {name: i for i, name in enumerate(adapter.layer_names(skeleton))}
     unknown = [p.name for p in packed if p.name not in order]
     if unknown:
@@ -271,7 +277,7 @@ def prepare_method(
 ) -> Prepared:
     """The calibration set and the method's state of a full-precision ``model``."""
     calib = calibration_set(config, tokenizer, model.config)
-    state = prepare(model, adapter_for(model.config.model_type), calib, config, None, progress)
+    state = prepare(model, adapter_for(model), calib, config, None, progress)
     return Prepared(calib, state)
 
 
@@ -279,7 +285,7 @@ def quantize(config: LwqConfig, progress: bool = True) -> QuantizeReport:
     """Quantize ``config.model`` into ``config.out`` with its method; what was measured."""
     t0 = time.perf_counter()
     config.check_for("quantize")
-    config = with_zoo_defaults(config)
+    config = resolve_inputs(config)
     config.require("model", "out")
     if config.quant.method != "rtn":
         config.require("calib.source")

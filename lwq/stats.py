@@ -59,13 +59,18 @@ def accumulate_hessian(state: HessianState | None, x: torch.Tensor) -> HessianSt
 class HessianHooks(AbstractContextManager["HessianHooks"]):
     """Forward pre-hooks that accumulate the input Hessian of each given module.
 
-    ``modules`` maps a key to a module; modules sharing one input (q, k, v)
-    need only one entry. The hooks are removed on exit, whatever happens.
+    Modules that receive the very same input tensor (q, k and v of one
+    attention, gate and up of one MLP) share one Hessian: the first module to
+    see a tensor leads, the others are linked to it on the first call, so no
+    family needs to declare which layers share an input. The hooks are removed
+    on exit, whatever happens.
     """
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
         self.states: dict[str, HessianState | None] = dict.fromkeys(modules)
+        self.leader: dict[str, str] = {}  # key -> the key whose Hessian it shares
+        self._first: dict[str, torch.Tensor] = {}  # a leader's first input, for the links
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> HessianHooks:
@@ -75,7 +80,14 @@ class HessianHooks(AbstractContextManager["HessianHooks"]):
 
     def _hook(self, key: str) -> Any:
         def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            self.states[key] = accumulate_hessian(self.states[key], args[0].detach())
+            x = args[0]
+            if key not in self.leader:  # the first call: does it share a leader's input?
+                lead = next((k for k, t in self._first.items() if t is x), key)
+                self.leader[key] = lead
+                if lead == key:
+                    self._first[key] = x
+            if self.leader[key] == key:
+                self.states[key] = accumulate_hessian(self.states[key], x.detach())
 
         return hook
 
@@ -83,10 +95,13 @@ class HessianHooks(AbstractContextManager["HessianHooks"]):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._first.clear()
 
     def result(self) -> dict[str, HessianState]:
+        """Every module's Hessian state; modules of one input share the same object."""
         out = {}
-        for key, state in self.states.items():
+        for key in self.states:
+            state = self.states[self.leader.get(key, key)]
             if state is None:
                 raise LwqError(f"layer {key} saw no input during calibration")
             if not torch.isfinite(state.H).all():
@@ -127,27 +142,34 @@ class InMemoryCausalLM:
         """The model stays whole: it is the caller's."""
 
 
+Call = tuple[tuple[Any, ...], dict[str, Any]]  # the (args, kwargs) a block is called with
+
+
 @dataclass
 class BlockInputs:
-    """What each calibration batch feeds the current block: (b, T, d) + extras."""
+    """What each calibration batch feeds a block: hidden states (b, T, d), and
+    for every block what else the model passes it (attention masks, rotary
+    embeddings; they differ per block in families that alternate attention types)."""
 
-    hidden: list[torch.Tensor]
-    args: list[tuple[Any, ...]] = field(default_factory=list)
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    hidden: list[torch.Tensor]  # per batch, the input of the current block
+    calls: list[list[Call]] = field(default_factory=list)  # [block][batch]
+
+    def moved(self, hidden: list[torch.Tensor]) -> BlockInputs:
+        """The same calls with new hidden states (the next block's inputs)."""
+        return BlockInputs(hidden, self.calls)
 
 
 class _InputRecorder(nn.Module):
     """Stands in for a decoder block: records its inputs, passes them through."""
 
-    def __init__(self, sink: BlockInputs | None) -> None:
+    def __init__(self, calls: list[Call], hidden: list[torch.Tensor] | None) -> None:
         super().__init__()
-        self.sink = sink
+        self.calls, self.hidden = calls, hidden
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.sink is not None:
-            self.sink.hidden.append(hidden_states.detach())
-            self.sink.args.append(args)
-            self.sink.kwargs.append(kwargs)
+        if self.hidden is not None:
+            self.hidden.append(hidden_states.detach())
+        self.calls.append((args, kwargs))
         return hidden_states
 
 
@@ -155,32 +177,37 @@ class _InputRecorder(nn.Module):
 def capture_block_inputs(source: BlockSource, batches: list[torch.Tensor]) -> BlockInputs:
     """Run the model with every block replaced by a pass-through recorder.
 
-    Only the embeddings (and the final norm) compute: the base model is called,
-    not the LM head, whose logits for every calibration token would be the
-    largest tensor of the whole run. What block 0 receives (hidden states,
-    attention mask, rotary embeddings...) is kept.
+    Only the embeddings compute: the base model is called, not the LM head,
+    whose logits for every calibration token would be the largest tensor of
+    the whole run. What block 0 receives (hidden states), and what every block
+    receives besides (attention masks, rotary embeddings...), is kept.
     """
     blocks = source.adapter.get_blocks(source.model)
     originals = list(blocks)
-    sink = BlockInputs(hidden=[])
+    captured = BlockInputs(hidden=[], calls=[[] for _ in blocks])
     try:
         for i in range(len(blocks)):
-            blocks[i] = _InputRecorder(sink if i == 0 else None)
+            blocks[i] = _InputRecorder(captured.calls[i], captured.hidden if i == 0 else None)
         base = source.model.base_model  # the decoder stack without the LM head
         for batch in batches:
             base(input_ids=batch.to(source.device), use_cache=False)
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-    return sink
+    return captured
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """A block's hidden-state output (some families return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's outputs for every batch: list of (b, T, d)."""
+def run_block(block: nn.Module, inputs: BlockInputs, index: int) -> list[torch.Tensor]:
+    """Block ``index``'s outputs for every batch: list of (b, T, d)."""
     return [
-        block(h, *a, **kw)
-        for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
+        block_output(block(h, *a, **kw))
+        for h, (a, kw) in zip(inputs.hidden, inputs.calls[index], strict=True)
     ]
 
 
@@ -223,35 +250,23 @@ def iter_block_stats(
             if inputs is None:
                 yield BlockStats(i, block, linears, hessians={}, n_tokens=0)
             else:
-                step, outputs = _block_stats(i, block, linears, inputs, adapter)
+                step, outputs = _block_stats(i, block, linears, inputs)
                 yield step
                 if mode == "sequential":
-                    outputs = run_block(block, inputs)  # after the consumer quantized it
-                inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
+                    outputs = run_block(block, inputs, i)  # after the consumer quantized it
+                inputs = inputs.moved(outputs)
                 del step
         release()  # the block's weights, Hessians and activations go back to the OS
 
 
 def _block_stats(
-    i: int,
-    block: nn.Module,
-    linears: dict[str, nn.Module],
-    inputs: BlockInputs,
-    adapter: ModelAdapter,
+    i: int, block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs
 ) -> tuple[BlockStats, list[torch.Tensor]]:
-    """One block's Hessians (one per input group) and its full-precision outputs."""
-    leaders = {
-        adapter.layer_name(i, g[0]): linears[adapter.layer_name(i, g[0])]
-        for g in adapter.input_groups
-    }
-    with HessianHooks(leaders) as hooks:
-        outputs = run_block(block, inputs)
+    """One block's Hessians (one per shared input) and its full-precision outputs."""
+    with HessianHooks(linears) as hooks:
+        outputs = run_block(block, inputs, i)
     states = hooks.result()
-    hessians = {
-        adapter.layer_name(i, name): states[adapter.layer_name(i, group[0])].H
-        for group in adapter.input_groups
-        for name in group
-    }
+    hessians = {name: state.H for name, state in states.items()}
     for out in outputs:
         if not torch.isfinite(out).all():
             raise NumericalError(f"block {i} produced NaN or inf activations")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lwq.config import LwqConfig, with_zoo_defaults
+from lwq.config import LwqConfig, resolve_inputs
 from lwq.errors import ConfigError
 from lwq.eval.perplexity import perplexity_of_text
 from lwq.models import check_model_dir, context_window, load_model_dir
@@ -86,7 +86,7 @@ def sweep(
     if len(set(budgets)) != len(budgets):
         raise ConfigError(f"--bits {budgets}: a budget is repeated")
     config.check_for("sweep")
-    config = with_zoo_defaults(config)
+    config = resolve_inputs(config)
     config.require("model", "out", "calib.source")
     model_dir, out = Path(str(config.model)), Path(str(config.out))
     check_model_dir(model_dir)

@@ -276,7 +276,7 @@ def sensitivity(
     out = Path(work) / "state" / key
     model, _ = load_model_dir(Path(model_dir), device=config.device)
     calib = CalibrationSet.load(Path(calib_path))
-    adapter = adapter_for(model.config.model_type)
+    adapter = adapter_for(model)
     state = prepare(model, adapter, calib, config, out / "hessians", progress=False)
     save_state(state, out)
     return StateRef(str(out), key, _timed(t))

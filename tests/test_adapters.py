@@ -10,7 +10,7 @@ from conftest import ZOO, ZOO_MODELS
 from tiny_models import TINY_TYPES, tiny_model
 from torch import nn
 
-from lwq.adapters import adapter_for
+from lwq.adapters import adapter_for, discover
 from lwq.errors import ConfigError
 from lwq.models import load_model_dir
 
@@ -18,10 +18,15 @@ from lwq.models import load_model_dir
 @pytest.mark.parametrize("model_type", TINY_TYPES)
 def test_adapter_finds_every_linear_of_every_block(model_type: str) -> None:
     model = tiny_model(model_type)
-    adapter = adapter_for(model.config.model_type)
+    adapter = adapter_for(model)
     layers = dict(adapter.iter_layers(model))
     assert list(layers) == adapter.layer_names(model)
-    assert len(layers) == len(adapter.get_blocks(model)) * len(adapter.linears)
+    per_block = len(adapter.block_linears(adapter.get_blocks(model)[0]))
+    assert per_block >= 2 and len(layers) == len(adapter.get_blocks(model)) * per_block
+    if adapter.input_groups:  # a declared family: discovery finds the same layers
+        found = discover(model)
+        assert found.blocks == adapter.blocks and found.final_norm == adapter.final_norm
+        assert set(found.block_linears(found.get_blocks(model)[0])) == set(adapter.linears)
     # Every 2-D weight inside the blocks is covered: nothing quantizable is missed.
     blocks = adapter.get_blocks(model)
     covered = {id(m.weight) for m in layers.values()}
@@ -33,7 +38,7 @@ def test_adapter_finds_every_linear_of_every_block(model_type: str) -> None:
 @pytest.mark.parametrize("model_type", TINY_TYPES)
 def test_weight_round_trip_and_effect(model_type: str) -> None:
     model = tiny_model(model_type)
-    adapter = adapter_for(model.config.model_type)
+    adapter = adapter_for(model)
     ids = torch.randint(0, 96, (1, 16))
     before = model(input_ids=ids).logits
     _, mod = next(adapter.iter_layers(model))
@@ -65,9 +70,27 @@ def test_zoo_models_have_adapters(name: str) -> None:
     assert all(d_in % 128 == 0 for _, d_in in shapes)
 
 
-def test_unsupported_architecture_lists_the_supported_ones() -> None:
-    with pytest.raises(ConfigError, match=r"'bert' is not supported.*gpt2.*llama.*opt"):
+def test_a_model_without_decoder_blocks_names_what_was_searched() -> None:
+    with pytest.raises(ConfigError, match=r"'bert' has no declared adapter.*gpt2.*llama.*opt"):
         adapter_for("bert")
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = type("C", (), {"model_type": "flat"})()
+            self.proj = nn.Linear(4, 4)
+
+    with pytest.raises(ConfigError, match=r"'flat': no decoder blocks found \(searched every"):
+        adapter_for(Flat())
+
+    class NoNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = type("C", (), {"model_type": "nonorm"})()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
+
+    with pytest.raises(ConfigError, match=r"blocks at layers but no final norm .*searched norm"):
+        adapter_for(NoNorm())
 
 
 @pytest.mark.parametrize("model_type", TINY_TYPES)
@@ -75,11 +98,11 @@ def test_head_after_blocks_reproduces_the_logits(model_type: str) -> None:
     from lwq.stats import InMemoryCausalLM, capture_block_inputs, run_block
 
     model = tiny_model(model_type)
-    adapter = adapter_for(model.config.model_type)
+    adapter = adapter_for(model)
     ids = torch.randint(0, 96, (2, 12))
     inputs = capture_block_inputs(InMemoryCausalLM(model, adapter), [ids])
-    for block in adapter.get_blocks(model):
-        inputs.hidden = run_block(block, inputs)
+    for i, block in enumerate(adapter.get_blocks(model)):
+        inputs.hidden = run_block(block, inputs, i)
     with torch.no_grad():
         torch.testing.assert_close(
             adapter.head(model, inputs.hidden[0]), model(input_ids=ids).logits, rtol=1e-5, atol=1e-5

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import ZOO
-from tiny_models import save_tiny_model_dir
+from tiny_models import GENERIC_TYPES, save_tiny_model_dir
 
 from lwq.adapters import adapter_for
 from lwq.config import make_config
@@ -199,12 +199,54 @@ def test_settings_that_do_not_apply_are_refused_before_anything_runs(tmp_path: P
 
 def test_a_zoo_model_calibrates_on_the_zoo_slice_by_default(tmp_path: Path) -> None:
     cfg = make_config({"model": str(ZOO / "llama-6l-128d"), "quant": {"method": "gptq"}})
-    from lwq.config import with_zoo_defaults
+    from lwq.config import resolve_inputs
 
-    assert with_zoo_defaults(cfg).calib.source == str(CALIB)
-    assert with_zoo_defaults(cfg).pipeline.eval_data is None
-    assert with_zoo_defaults(cfg, evaluation=True).pipeline.eval_data == str(
+    assert resolve_inputs(cfg).calib.source == str(CALIB)
+    assert resolve_inputs(cfg).pipeline.eval_data is None
+    assert resolve_inputs(cfg, evaluation=True).pipeline.eval_data == str(
         ZOO / "data" / "validation.txt"
     )
     rtn = make_config({"model": str(ZOO / "llama-6l-128d"), "quant": {"method": "rtn"}})
-    assert with_zoo_defaults(rtn).calib.source is None  # RTN takes no calibration
+    assert resolve_inputs(rtn).calib.source is None  # RTN takes no calibration
+
+
+@pytest.mark.parametrize("model_type", GENERIC_TYPES)
+def test_any_decoder_family_is_quantized_packed_reloaded_and_evaluated(
+    model_type: str, tmp_path: Path
+) -> None:
+    """Families without a declared adapter: blocks and layers discovered."""
+    from lwq.eval.perplexity import perplexity_of_text
+
+    model_dir = save_tiny_model_dir(model_type, tmp_path / "m")
+    report = quantize(_cfg(model_dir, tmp_path / "q", bits=4), progress=False)
+    ref, tok = load_model_dir(model_dir)
+    n_linear = sum(1 for _ in adapter_for(ref).iter_layers(ref))
+    assert len(report.manifest.layers) == n_linear > 0
+    model, _, _ = load_quantized(report.out)
+    packed, _, _ = load_quantized(report.out, packed_modules=True)
+    ids = torch.randint(0, len(tok), (2, 16))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        torch.testing.assert_close(packed(input_ids=ids).logits, got, rtol=1e-4, atol=1e-4)
+    text = CALIB.read_text(encoding="utf-8")[:3000]
+    fp = perplexity_of_text(ref, tok, text, 32).perplexity
+    q = perplexity_of_text(model, tok, text, 32).perplexity
+    assert abs(q - fp) / fp < 0.2, (q, fp)  # W4 of a random model: close, not equal
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gemma2", "falcon"])
+def test_the_method_runs_on_discovered_families(model_type: str, tmp_path: Path) -> None:
+    model_dir = save_tiny_model_dir(model_type, tmp_path / "m")
+    cfg = make_config(
+        {
+            "model": str(model_dir),
+            "out": str(tmp_path / "q"),
+            "calib": {"source": str(CALIB), "n_samples": 4, "seq_len": 32, "batch_size": 4},
+            "quant": {"method": "lwq"},
+            "method": {"budget": 2.6, "group_size": 32, "sketch_dim": 16, "ties": "inputs"},
+        }
+    )
+    report = quantize(cfg, progress=False)
+    assert abs(report.bits - 2.6) <= 0.02
+    model, _, _ = load_quantized(report.out)
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()

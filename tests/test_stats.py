@@ -27,7 +27,7 @@ def _calib(n: int = 6, t: int = 16, seed: int = 0) -> CalibrationSet:
 
 
 def _reference_hessians(model: Any, calib: CalibrationSet) -> dict[str, torch.Tensor]:
-    adapter = adapter_for(str(model.config.model_type))
+    adapter = adapter_for(model)
     layers = dict(adapter.iter_layers(model))
     with HessianHooks(layers) as hooks, torch.no_grad():
         model(input_ids=calib.input_ids, use_cache=False)
@@ -55,7 +55,7 @@ def test_parallel_block_stats_equal_full_forward(model_type: str) -> None:
     model = tiny_model(model_type)
     calib = _calib()
     ref = _reference_hessians(model, calib)
-    source = InMemoryCausalLM(model, adapter_for(model.config.model_type))
+    source = InMemoryCausalLM(model, adapter_for(model))
     seen = {}
     for step in iter_block_stats(source, calib, "parallel", batch_size=4, progress=False):
         assert step.n_tokens == calib.n_tokens
@@ -121,3 +121,14 @@ def test_nan_activations_name_the_layer() -> None:
     with pytest.raises(NumericalError, match=r"(layers\.0|block 0)"):
         for _ in iter_block_stats(source, _calib(), progress=False):
             pass
+
+
+def test_layers_that_read_one_input_share_one_hessian() -> None:
+    """Found from the forward pass itself: no family declares it."""
+    model = tiny_model("phi")  # a discovered family: q, k, v and dense; fc1, fc2
+    source = InMemoryCausalLM(model, adapter_for(model))
+    step = next(iter_block_stats(source, _calib(), "parallel", batch_size=4, progress=False))
+    h = {name.split(".", 3)[3]: H for name, H in step.hessians.items()}
+    assert h["self_attn.q_proj"] is h["self_attn.k_proj"] is h["self_attn.v_proj"]
+    assert h["self_attn.dense"] is not h["self_attn.q_proj"]
+    assert h["mlp.fc1"] is not h["mlp.fc2"]

@@ -59,6 +59,11 @@ def tiny_config(model_type: str, vocab: int = VOCAB) -> PretrainedConfig:
             num_attention_heads=4,
             **common,
         )
+    if model_type in GENERIC_TYPES:  # no declared adapter: lwq discovers their blocks
+        from transformers import AutoConfig
+
+        ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+        return AutoConfig.for_model(model_type, **llama_like, **ids)
     raise KeyError(model_type)
 
 
@@ -69,7 +74,26 @@ def tiny_model(model_type: str, seed: int = 0, vocab: int = VOCAB) -> PreTrained
     return model
 
 
-TINY_TYPES = ("llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox")
+DECLARED_TYPES = ("llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox")
+# Families without a declared adapter that transformers builds offline from a config.
+GENERIC_TYPES = (
+    "phi3",
+    "phi",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "stablelm",
+    "falcon",
+    "starcoder2",
+    "olmo2",
+    "granite",
+    "cohere",
+    "bloom",
+    "gpt_bigcode",
+    "mpt",
+    "qwen3",
+)
+TINY_TYPES = DECLARED_TYPES + GENERIC_TYPES
 
 
 def save_tiny_model_dir(model_type: str, path: Path, seed: int = 0) -> Path:

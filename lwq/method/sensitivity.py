@@ -121,8 +121,8 @@ def _logit_change(
     adapter.write_weight(module, w)
     try:
         h = block_in[block]
-        for blk in list(blocks)[block:]:
-            h = run_block(blk, BlockInputs([h], inputs.args, inputs.kwargs))[0]
+        for j in range(block, len(blocks)):
+            h = run_block(blocks[j], inputs.moved([h]), j)[0]
     finally:
         adapter.write_weight(module, w_fp)
     return adapter.head(model, h).reshape(logits.shape) - logits
@@ -169,10 +169,8 @@ def sensitivity_profile(
         inputs = capture_block_inputs(source, [batch])
         # Full-precision input of every block, and the reference logits.
         block_in = [inputs.hidden[0]]
-        for blk in blocks:
-            block_in.append(
-                run_block(blk, BlockInputs([block_in[-1]], inputs.args, inputs.kwargs))[0]
-            )
+        for j, blk in enumerate(blocks):
+            block_in.append(run_block(blk, inputs.moved([block_in[-1]]), j)[0])
         logits = adapter.head(model, block_in[-1])
         T = logits.shape[0] * logits.shape[1]
         logits = logits.reshape(T, -1)

@@ -121,16 +121,21 @@ class HessianStore:
         return tensors["H"]
 
 
-def tie_groups(names: tuple[str, ...], adapter: ModelAdapter) -> TieGroups:
-    """Groups of layer indices sharing an input (q/k/v, gate/up) and sharing a block."""
-    by_input: dict[tuple[int, int], list[int]] = {}
+def tie_groups(
+    names: tuple[str, ...], shared_input: list[list[str]], adapter: ModelAdapter
+) -> TieGroups:
+    """Groups of layer indices sharing an input (q/k/v, gate/up) and sharing a block.
+
+    ``shared_input`` lists the layers that read one input tensor (as the block's
+    forward showed them, ``lwq.stats.HessianHooks``).
+    """
+    index = {name: i for i, name in enumerate(names)}
     by_block: dict[int, list[int]] = {}
     for i, name in enumerate(names):
-        block = adapter.block_index(name)
-        by_input.setdefault((block, adapter.input_group(name)), []).append(i)
-        by_block.setdefault(block, []).append(i)
+        by_block.setdefault(adapter.block_index(name), []).append(i)
+    by_input = [[index[n] for n in group] for group in shared_input]
     keep = lambda groups: tuple(tuple(g) for g in groups if len(g) > 1)  # noqa: E731
-    return (("inputs", keep(by_input.values())), ("block", keep(by_block.values())))
+    return (("inputs", keep(by_input)), ("block", keep(by_block.values())))
 
 
 def probe_settings(config: LwqConfig) -> ProbeSettings:
@@ -181,6 +186,7 @@ def prepare(
     orders: dict[str, torch.Tensor] = {}
     costs: list[LayerCost] = []
     probes: dict[str, tuple[torch.Tensor, ...]] = {}
+    shared_input: list[list[str]] = []
     source = InMemoryCausalLM(model, adapter)
     t = time.perf_counter()
     for step in iter_block_stats(source, calib, "parallel", config.calib.batch_size, progress):
@@ -202,6 +208,10 @@ def prepare(
                 for r in levels
             )
             seconds["probes"] += time.perf_counter() - t
+        groups: dict[int, list[str]] = {}
+        for name, H in step.hessians.items():
+            groups.setdefault(id(H), []).append(name)
+        shared_input += groups.values()
         if store is not None:
             store.put_block(step)
         t = time.perf_counter()
@@ -221,7 +231,7 @@ def prepare(
         hi,
         len(adapter.get_blocks(model)),
         seconds,
-        tie_groups(names, adapter),
+        tie_groups(names, shared_input, adapter),
     )
 
 

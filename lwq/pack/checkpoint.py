@@ -302,12 +302,13 @@ def load_quantized(
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
-    from lwq.loading import empty_model, set_tensor, tied_sources
+    from lwq.loading import set_tensor, tied_sources
+    from lwq.models import empty_model
 
     manifest = read_manifest(ckpt, verify=verify)
     config = AutoConfig.for_model(**manifest.config)
-    adapter = adapter_for(config.model_type)
     model = empty_model(config, torch.float32)
+    adapter = adapter_for(model)
     rest: dict[str, torch.Tensor] = {}
     with safe_open(str(Path(ckpt) / REST_FILE), framework="pt") as f:
         for key in f.keys():

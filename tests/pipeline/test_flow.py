@@ -411,7 +411,7 @@ SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".r
 
 
 def _tree(root: Path) -> set[str]:
-    out = set()
+    out: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
         out.update(str(Path(dirpath, f).relative_to(root)) for f in filenames)
