@@ -74,9 +74,15 @@ def config_for(model: str, out: Path, args: argparse.Namespace, **method: Any) -
                 "mode": "sequential",
             },
             "quant": {"method": "lwq"},
-            "method": method,
+            "method": {**profile_settings(args), **method},
         }
     )
+
+
+def profile_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.profile == "forward":
+        return {"profile": "forward"}
+    return {"profile_samples": args.profile_samples, "profile_seq_len": args.profile_seq_len}
 
 
 class Setup:
@@ -401,6 +407,9 @@ def main() -> None:
     ap.add_argument("--n-allocs", type=int, default=24)
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--profile", choices=["reverse", "forward"], default="reverse")
+    ap.add_argument("--profile-samples", type=int, default=256)
+    ap.add_argument("--profile-seq-len", type=int, default=128)
     ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor rows)")
     ap.add_argument(
         "--lwc-models", nargs="*", default=None, help="models with learned-clipping rows (all)"

@@ -44,6 +44,9 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any
             "method.scoring": args.scoring,
             "method.ties": args.ties,
             "method.hi_refine": args.hi_refine,
+            "method.profile": args.profile,
+            "method.profile_samples": args.profile_samples,
+            "method.profile_seq_len": args.profile_seq_len,
             ("method.group_size" if method == "lwq" else "quant.group_size"): args.group_size,
             "quant.symmetric": True if getattr(args, "symmetric", False) else None,
             "gptq.act_order": True if args.act_order else None,
@@ -141,6 +144,23 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         "--ties",
         choices=["none", "inputs", "block"],
         help="method.ties: one ratio for layers sharing an input or a block (default none)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=["reverse", "forward"],
+        help="lwq: method.profile, how the sensitivity profile is measured (default reverse: "
+        "one backward pass per profile sequence, cost linear in depth)",
+    )
+    p.add_argument(
+        "--profile-samples",
+        type=int,
+        help="lwq: method.profile_samples, profile sequences cut from the calibration windows "
+        "(default 256)",
+    )
+    p.add_argument(
+        "--profile-seq-len",
+        type=int,
+        help="lwq: method.profile_seq_len, tokens per profile sequence (default 128)",
     )
     p.add_argument(
         "--hi-refine",

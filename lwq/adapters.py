@@ -90,7 +90,10 @@ class ModelAdapter:
         if project_out is not None:  # OPT-350m style projection
             out = project_out(out)
         head = model.get_output_embeddings()  # type: ignore[operator]
-        logits: torch.Tensor = head(out)
+        return self.scale_logits(model, head(out))
+
+    def scale_logits(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does to the LM head's output (most families: nothing)."""
         config = getattr(model, "config", None)
         scale = getattr(config, "logit_scale", None)  # Cohere multiplies
         if isinstance(scale, int | float) and not isinstance(scale, bool):

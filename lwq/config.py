@@ -138,7 +138,20 @@ class MethodConfig(_Strict):
     lwc_steps: int = Field(200, ge=1, description="optimiser steps of hi_refine=lwc per layer")
     solver: Literal["CLARABEL", "OSQP"] = "CLARABEL"
     solver_tol: float = Field(1e-8, gt=0)
-    sketch_dim: int = Field(128, ge=1, description="dimensions of the sketched Fisher output")
+    profile: Literal["reverse", "forward"] = Field(
+        "reverse",
+        description="how the sensitivity profile is measured: reverse (one backward pass "
+        "per profile sequence, labels sampled from the model; cost linear in depth) or "
+        "forward (each layer's probes re-run the later blocks and the head; cost layers x "
+        "depth x vocabulary, for small models)",
+    )
+    profile_samples: int = Field(
+        256, ge=8, description="profile sequences (reverse), cut from the calibration windows"
+    )
+    profile_seq_len: int = Field(128, ge=8, description="tokens per profile sequence (reverse)")
+    sketch_dim: int = Field(
+        128, ge=1, description="dimensions of the sketched Fisher output (profile=forward)"
+    )
     probe_quantizer: Literal["gptq", "rtn"] = "gptq"
 
     @field_validator("lo_bits")
@@ -163,6 +176,15 @@ class MethodConfig(_Strict):
                 f"method.hi_bits={self.hi_bits} must exceed method.lo_bits={self.lo_bits}"
             )
         changed = set(self.changed())
+        if self.profile == "forward":
+            off = sorted(changed & {"profile_samples", "profile_seq_len"})
+            if off:
+                raise ValueError(
+                    f"method.{', method.'.join(off)} apply to method.profile=reverse only "
+                    "(the forward profile uses the calibration set)"
+                )
+        elif "sketch_dim" in changed:
+            raise ValueError("method.sketch_dim applies to method.profile=forward only")
         if self.curve == "chord" and "r_mid" in changed:
             raise ValueError("method.r_mid applies to method.curve=power only (chord: no probe)")
         if self.hi_refine == "none" and "lwc_steps" in changed:

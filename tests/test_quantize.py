@@ -243,7 +243,13 @@ def test_the_method_runs_on_discovered_families(model_type: str, tmp_path: Path)
             "out": str(tmp_path / "q"),
             "calib": {"source": str(CALIB), "n_samples": 4, "seq_len": 32, "batch_size": 4},
             "quant": {"method": "lwq"},
-            "method": {"budget": 2.6, "group_size": 32, "sketch_dim": 16, "ties": "inputs"},
+            "method": {
+                "budget": 2.6,
+                "group_size": 32,
+                "profile_samples": 8,
+                "profile_seq_len": 16,
+                "ties": "inputs",
+            },
         }
     )
     report = quantize(cfg, progress=False)

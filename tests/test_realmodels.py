@@ -21,7 +21,7 @@ def _gguf(path: Path, qtype: str = "F32") -> Path:
     if qtype == "F32":
         writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     else:  # raw bytes of one block of the type
-        block, nbytes = gguf.GGML_QUANT_SIZES[t]
+        _, nbytes = gguf.GGML_QUANT_SIZES[t]
         writer.add_tensor("blk.0.x.weight", np.zeros((1, nbytes), np.uint8), raw_dtype=t)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -20,6 +20,7 @@ def _args(model: Path, out: Path, bits: str) -> list[str]:
     return [
         "sweep", "--model", str(model), "--out", str(out), "--bits", bits, "--calib", calib,
         "--n-samples", "4", "--seq-len", "32", "--group-size", "32", "-q",
+        "--profile-samples", "8", "--profile-seq-len", "16",
     ]  # fmt: skip
 
 

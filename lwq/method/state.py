@@ -32,8 +32,9 @@ from lwq.method.cost import LayerCost, layer_cost
 from lwq.method.fisher import fisher_diagonal
 from lwq.method.layer import job_at_ratio
 from lwq.method.qp import Allocation, ProbeInfo, SensitivityProfile, solve_allocation, total_bits
+from lwq.method.reverse import profile_windows, reverse_profile
 from lwq.method.saliency import ranking, saliency
-from lwq.method.sensitivity import ProbeSettings, probe_levels, sensitivity_profile
+from lwq.method.sensitivity import Delta, ProbeSettings, probe_levels, sensitivity_profile
 from lwq.pack.layer import grid_from_meta, grid_meta
 from lwq.pack.manifest import AllocationReport, GridMeta, LayerAllocation, ProfileInfo
 from lwq.provenance import code_version
@@ -166,7 +167,12 @@ def prepare(
     m = config.method
     lo, hi = m.grids()
     n_layers = len(adapter.layer_names(model))
-    if calib.n_samples < MIN_PROFILE_SEQUENCES:
+    profile_ids = None
+    if m.profile == "reverse":  # checked before any work: the set must hold the profile
+        profile_ids = profile_windows(
+            calib.input_ids, m.profile_samples, m.profile_seq_len, config.calib.seed
+        )
+    elif calib.n_samples < MIN_PROFILE_SEQUENCES:
         log.warning(
             "calibration too small: the output-Fisher estimate of the sensitivity profile "
             "had %d sequences (%d tokens) for %d layers; use at least %d (calib.n_samples)",
@@ -185,7 +191,7 @@ def prepare(
     levels = probe_levels(settings)
     orders: dict[str, torch.Tensor] = {}
     costs: list[LayerCost] = []
-    probes: dict[str, tuple[torch.Tensor, ...]] = {}
+    probes: dict[str, tuple[Delta, ...]] = {}
     shared_input: list[list[str]] = []
     source = InMemoryCausalLM(model, adapter)
     t = time.perf_counter()
@@ -201,11 +207,10 @@ def prepare(
             costs.append(layer_cost(name, orders[name], shape, lo, hi))
             seconds["saliency"] += time.perf_counter() - t
             t = time.perf_counter()
+            jobs = [job_at_ratio(name, orders[name], shape, r, lo, hi) for r in levels]
             probes[name] = tuple(
-                quantize_layer(
-                    W, H, job_at_ratio(name, orders[name], shape, r, lo, hi), probe_gptq
-                ).weight.dequantize()
-                for r in levels
+                Delta.of(W - quantize_layer(W, H, job, probe_gptq).weight.dequantize())
+                for job in jobs
             )
             seconds["probes"] += time.perf_counter() - t
         groups: dict[int, list[str]] = {}
@@ -219,7 +224,14 @@ def prepare(
         store.close()
     names = tuple(orders)
     t = time.perf_counter()
-    profile = sensitivity_profile(model, adapter, calib, probes, list(names), settings, progress)
+    if profile_ids is not None:
+        profile = reverse_profile(
+            model, adapter, profile_ids, probes, list(names), settings, calib.sha256, progress
+        )
+    else:
+        profile = sensitivity_profile(
+            model, adapter, calib, probes, list(names), settings, progress
+        )
     seconds["sensitivity"] = time.perf_counter() - t
     del probes
     return MethodState(

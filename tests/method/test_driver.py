@@ -29,19 +29,31 @@ def _cfg(model: Path, out: Path, budget: float, **method: Any) -> Any:
                 "batch_size": 4,
             },
             "quant": {"method": "lwq"},
-            "method": {"budget": budget, "group_size": 32, "sketch_dim": 16, **method},
+            "method": {
+                "budget": budget,
+                "group_size": 32,
+                "profile_samples": 8,
+                "profile_seq_len": 16,
+                **method,
+            },
         }
     )
 
 
-@pytest.mark.parametrize("objective", ["full", "fixed"])
+@pytest.mark.parametrize(
+    ("objective", "profile"), [("full", "reverse"), ("fixed", "reverse"), ("full", "forward")]
+)
 def test_budget_is_met_from_bytes_and_report_is_complete(
-    objective: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    objective: str, profile: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    method: dict[str, Any] = {"objective": objective, "profile": profile}
+    if profile == "forward":
+        method.update(profile_samples=256, profile_seq_len=128, sketch_dim=16)  # defaults back
     with caplog.at_level(logging.WARNING):
-        report = quantize(_cfg(model_dir, tmp_path / "q", 2.7, objective=objective), progress=False)
-    assert "had 4 sequences (128 tokens) for 14 layers" in caplog.text
+        report = quantize(_cfg(model_dir, tmp_path / "q", 2.7, **method), progress=False)
+    if profile == "forward":
+        assert "had 4 sequences (128 tokens) for 14 layers" in caplog.text
     m = report.manifest
     assert abs(m.bits.from_bytes - 2.7) <= 0.02
     alloc = m.allocation
@@ -53,9 +65,20 @@ def test_budget_is_met_from_bytes_and_report_is_complete(
     if objective == "fixed":
         assert max(ratios) - min(ratios) < 1e-9
     assert all(x.output_error is not None and x.output_error >= 0 for x in alloc.layers)
-    assert m.quantization.mode == "sequential" and alloc.profile.n_tokens == 4 * 32
+    tokens = 8 * 16 if profile == "reverse" else 4 * 32
+    assert m.quantization.mode == "sequential" and alloc.profile.n_tokens == tokens
     model, _, _ = load_quantized(report.out)
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_a_calibration_set_too_small_for_the_profile_fails_before_any_work(
+    tmp_path: Path,
+) -> None:
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    cfg = _cfg(model_dir, tmp_path / "q", 2.7, profile_samples=9)  # 4 x 32 tokens hold 8 of 16
+    with pytest.raises(ConfigError, match=r"method\.profile_samples=9 .* holds 8: raise calib"):
+        quantize(cfg, progress=False)
+    assert not (tmp_path / "q").exists()
 
 
 def test_infeasible_budget_states_the_range_and_writes_nothing(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from lwq.method.layer import job_at_ratio
 from lwq.method.saliency import ranking
 from lwq.method.sensitivity import (
     GAMMA_MIN,
+    Delta,
     ProbeSettings,
     chord_point,
     curve_exponents,
@@ -52,7 +53,10 @@ def test_single_layer_prediction_matches_measurement() -> None:
         job = job_at_ratio(name, orders[name], shape, r, lo, hi)
         return quantize_layer(W, None, job, gptq=None).weight.dequantize()
 
-    probes = {n: [probe(n, r) for r in probe_levels(settings)] for n in names}
+    def delta(name: str, r: float) -> Delta:
+        return Delta.of(adapter.read_weight(modules[name]) - probe(name, r))
+
+    probes = {n: [delta(n, r) for r in probe_levels(settings)] for n in names}
     prof = sensitivity_profile(model, adapter, calib, probes, names, settings, progress=False)
     assert prof.AtA.shape == (14, 14) and prof.n_tokens == 8 * 128
     torch.testing.assert_close(prof.AtA, prof.AtA.T)
@@ -99,3 +103,45 @@ def test_chord_point_has_the_probed_damage() -> None:
     # Below the chord's least damage: its minimiser.
     low = chord_point(a @ a, a @ b, b @ b, torch.tensor(0.0))
     assert float(low) == pytest.approx(float(a @ b / (b @ b)), rel=1e-6)
+
+
+def test_delta_storage_is_within_half_a_percent() -> None:
+    dW = torch.randn(7, 150) * torch.logspace(-3, 0, 150)
+    back = Delta.of(dW).dense()
+    assert back.shape == dW.shape
+    blocks = torch.nn.functional.pad(dW.abs(), (0, 42)).view(7, 3, 64).amax(dim=2)
+    bound = blocks.repeat_interleave(64, dim=1)[:, :150] / 254 + 1e-12
+    assert bool(((back - dW).abs() <= bound).all())
+
+
+def test_reverse_mode_estimates_the_forward_gram_matrices() -> None:
+    """Sampled-label backward passes converge to the Fisher-weighted Gram of the
+    (linearized) output changes that the forward probes measure directly."""
+    from tiny_models import tiny_model
+
+    from lwq.calibration import CalibrationSet, tokens_sha256
+    from lwq.method.reverse import reverse_profile
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    names = adapter.layer_names(model)[:5] + adapter.layer_names(model)[-2:]
+    modules = dict(adapter.iter_layers(model))
+    gen = torch.Generator().manual_seed(0)
+    probes = {}
+    for n in names:
+        W = adapter.read_weight(modules[n])
+        probes[n] = [Delta.of(0.02 * W.abs().mean() * torch.randn(W.shape, generator=gen))]
+        probes[n].append(Delta.of(0.5 * probes[n][0].dense()))
+    ids = torch.randint(0, 96, (4, 16), generator=gen)
+    calib = CalibrationSet(ids, "random", 0, tokens_sha256(ids))
+    fwd = sensitivity_profile(
+        model, adapter, calib, probes, names, ProbeSettings(0.3, 4096, 0, 4), progress=False
+    )
+    settings = ProbeSettings(0.3, 0, seed=3)
+    rev = reverse_profile(
+        model, adapter, ids.repeat(1500, 1), probes, names, settings, "", progress=False
+    )
+    scale = float(fwd.AtA.diagonal().max())
+    for a, b in ((fwd.AtA, rev.AtA), (fwd.AtB, rev.AtB), (fwd.BtB, rev.BtB)):
+        assert float((a - b).abs().max()) < 0.12 * scale, (a.diagonal(), b.diagonal())
+    assert float(rev.AtA.diagonal().min()) > 0

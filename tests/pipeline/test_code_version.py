@@ -75,7 +75,7 @@ def test_a_quantizer_fix_recomputes_what_it_affects_and_registers_a_new_version(
             "batch_size": 4,
         },
         "quant": {"method": "lwq"},
-        "method": {"budget": 2.7, "group_size": 32, "sketch_dim": 16},
+        "method": {"budget": 2.7, "group_size": 32, "profile_samples": 8, "profile_seq_len": 16},
         "pipeline": {
             "work_dir": str(tmp_path / "work"),
             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",

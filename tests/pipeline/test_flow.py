@@ -30,7 +30,12 @@ def _config(model: Path, tmp: Path, s3: str, budget: float = 2.7, **pipeline: An
                 "batch_size": 4,
             },
             "quant": {"method": "lwq"},
-            "method": {"budget": budget, "group_size": 32, "sketch_dim": 16},
+            "method": {
+                "budget": budget,
+                "group_size": 32,
+                "profile_samples": 8,
+                "profile_seq_len": 16,
+            },
             "pipeline": {
                 "work_dir": str(tmp / "work"),
                 "storage": "s3://lwq-test/ckpts",
@@ -306,6 +311,7 @@ def test_lwq_run_prints_where_what_and_how_well(
     text = (ZOO / "data" / "validation.txt").read_text(encoding="utf-8")[:20000]
     (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
     args = ["run", "--model", str(tiny_llama), "--calib", calib, "--n-samples", "4"]
+    args += ["--profile-samples", "8", "--profile-seq-len", "16"]
     args += ["--seq-len", "32", "--group-size", "32", "--data", str(tmp_path / "eval.txt")]
     args += ["--work-dir", str(tmp_path / "work"), "-q"]
     assert main([*args, "--bits", "2.6,2.8"]) == 0

@@ -1,0 +1,111 @@
+"""What the real-model benchmarks share: SmolLM2-135M, its calibration and evaluation.
+
+Protocol (issue 13): calibration 64 x 512 tokens of ``zoo/data/calibration.txt``
+(seed 0); WikiText-2 perplexity on the first quarter of ``wiki.test.raw``
+(tokenised once, the first 20 windows of 2048 tokens) and, for final rows, on
+the whole test set; KL divergence to the full-precision model on held-out
+WikiText windows that the quarter does not contain.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = REPO / "zoo"
+CALIB = ZOO / "data" / "calibration.txt"
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+MODEL = "smollm2-135m"
+WINDOW = 2048
+QUARTER_WINDOWS = 20
+
+
+def model_dir() -> Path:
+    from lwq.realmodels import fetch
+
+    return fetch(MODEL)
+
+
+def wikitext_ids(tok: Any) -> torch.Tensor:
+    if not WIKITEXT.is_file():
+        raise SystemExit(f"WikiText-2 not found at {WIKITEXT} (../shared is absent)")
+    text = WIKITEXT.read_text(encoding="utf-8")
+    return torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def quarter_ids(tok: Any) -> torch.Tensor:
+    """The first 20 windows of 2048 tokens of the first quarter of wiki.test.raw."""
+    text = WIKITEXT.read_text(encoding="utf-8")
+    ids = tok(text[: len(text) // 4], add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids[: QUARTER_WINDOWS * WINDOW])
+
+
+def heldout_windows(tok: Any, n: int, seq_len: int = 512) -> torch.Tensor:
+    """``n`` windows from the second half of wiki.test.raw (the quarter is the first)."""
+    text = WIKITEXT.read_text(encoding="utf-8")
+    ids = torch.tensor(
+        tok(text[len(text) // 2 :], add_special_tokens=False, verbose=False)["input_ids"]
+    )
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model: Any, ids: torch.Tensor, window: int = WINDOW) -> float:
+    from lwq.eval.perplexity import perplexity as ppl
+
+    return ppl(model, ids, window, batch_size=1).perplexity
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    seconds: float
+    peak_rss_mib: float
+    stdout: str
+
+
+def run_child(cmd: list[str], env: dict[str, str] | None = None) -> ChildResult:
+    """Run a command alone; its wall time and its own peak RSS (from wait4)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+    return ChildResult(seconds, usage.ru_maxrss / 1024, stdout)
+
+
+def children_peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def lwq_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli", *args]
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def fmt_ppl(x: float) -> str:
+    if not math.isfinite(x):
+        return "inf"
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.2f}"
