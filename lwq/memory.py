@@ -33,3 +33,10 @@ def release() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def trim() -> None:
+    """Give the heap's free pages back to the OS (no garbage collection: cheap)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

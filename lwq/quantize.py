@@ -12,6 +12,7 @@ by one elsewhere (the workflow's parallel layer tasks).
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from lwq.config import LwqConfig, resolve_inputs
 from lwq.errors import LwqError
 from lwq.loading import LazyCausalLM, SafetensorsIndex
 from lwq.method.qp import Allocation
-from lwq.method.state import MethodState, allocate, allocation_report, prepare
+from lwq.method.state import HessianStore, MethodState, allocate, allocation_report, prepare
 from lwq.models import (
     check_model_dir,
     check_tokenizer,
@@ -170,8 +171,13 @@ def quantize_model(
     calib: CalibrationSet | None,
     config: LwqConfig,
     progress: bool = True,
+    hessians: HessianStore | None = None,
 ) -> QuantizeReport:
-    """The block loop: every layer of every block through ``quantize_layer``."""
+    """The block loop: every layer of every block through ``quantize_layer``.
+
+    With ``hessians`` (parallel mode: the full-precision Hessians that
+    ``prepare`` stored) no calibration forward pass is run at all.
+    """
     t0 = time.perf_counter()
     check_output_dir(out, config.overwrite)
     gptq = None if plan.method == "rtn" else config.gptq.settings()
@@ -184,15 +190,17 @@ def quantize_model(
     try:
         with CheckpointWriter(out, model_dir, config.overwrite) as writer:
             tb = time.perf_counter()
-            steps = iter_block_stats(source, calib, mode, config.calib.batch_size, progress)
+            if hessians is not None and mode != "parallel":
+                raise ValueError("stored Hessians are full-precision ones: parallel mode only")
+            walk = None if hessians is not None else calib
+            steps = iter_block_stats(source, walk, mode, config.calib.batch_size, progress)
             for step in steps:
                 packed = []
                 for name, mod in step.layers.items():
                     t = time.perf_counter()
                     W = adapter.read_weight(mod)  # (d_out, d_in) float32
-                    res = quantize_layer(
-                        W, step.hessians.get(name), plan.job(name), gptq, lwc, plan.measure_error
-                    )
+                    H = hessians.get(name) if hessians is not None else step.hessians.get(name)
+                    res = quantize_layer(W, H, plan.job(name), gptq, lwc, plan.measure_error)
                     adapter.write_weight(mod, res.weight.dequantize())  # later blocks see it
                     packed.append(pack_layer(name, res.weight))
                     layers.append(
@@ -273,11 +281,16 @@ class Prepared:
 
 
 def prepare_method(
-    model: Any, tokenizer: Any, config: LwqConfig, progress: bool = True
+    model: Any,
+    tokenizer: Any,
+    config: LwqConfig,
+    progress: bool = True,
+    hessians: Path | None = None,
 ) -> Prepared:
-    """The calibration set and the method's state of a full-precision ``model``."""
+    """The calibration set and the method's state of a full-precision ``model``
+    (with ``hessians``, its input Hessians are kept there)."""
     calib = calibration_set(config, tokenizer, model.config)
-    state = prepare(model, adapter_for(model), calib, config, None, progress)
+    state = prepare(model, adapter_for(model), calib, config, hessians, progress)
     return Prepared(calib, state)
 
 
@@ -292,12 +305,17 @@ def quantize(config: LwqConfig, progress: bool = True) -> QuantizeReport:
     model_dir, out = Path(str(config.model)), Path(str(config.out))
     check_model_dir(model_dir)
     check_output_dir(out, config.overwrite)  # before any expensive work
-    calib, state = None, None
+    calib, state, store = None, None, None
+    work = tempfile.TemporaryDirectory(prefix="lwq-hessians-")
     if config.quant.method == "lwq":
+        # Parallel mode quantizes from the full-precision Hessians the method
+        # computes anyway: kept on disk, they save a second calibration pass.
+        keep = Path(work.name) if config.calib.block_mode == "parallel" else None
         model, tokenizer = load_model_dir(model_dir, device=config.device)
-        prep = prepare_method(model, tokenizer, config, progress)
+        prep = prepare_method(model, tokenizer, config, progress, keep)
         del model
         calib, state = prep.calib, prep.state
+        store = None if keep is None else HessianStore.open(keep)
     elif config.quant.method == "gptq":
         from transformers import AutoConfig, AutoTokenizer
 
@@ -305,7 +323,9 @@ def quantize(config: LwqConfig, progress: bool = True) -> QuantizeReport:
         model_config = AutoConfig.from_pretrained(model_dir)
         check_tokenizer(tokenizer, int(model_config.vocab_size), model_dir)
         calib = calibration_set(config, tokenizer, model_config)
-    report = quantize_model(model_dir, out, plan_for(config, state), calib, config, progress)
+    plan = plan_for(config, state)
+    report = quantize_model(model_dir, out, plan, calib, config, progress, store)
+    work.cleanup()
     return QuantizeReport(
         report.out, report.manifest, time.perf_counter() - t0, report.layers, report.block_seconds
     )

@@ -12,6 +12,7 @@ Writes ``<out>/bits-<B>/`` checkpoints and, beside them, ``pareto.json``,
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from lwq.config import LwqConfig, resolve_inputs
 from lwq.errors import ConfigError
 from lwq.eval.perplexity import perplexity_of_text
+from lwq.method.state import HessianStore
 from lwq.models import check_model_dir, context_window, load_model_dir
 from lwq.pack.checkpoint import check_output_dir, load_quantized
 from lwq.plots import allocation_plot, pareto_front, pareto_plot
@@ -94,7 +96,10 @@ def sweep(
         check_output_dir(checkpoint_dir(out, b), config.overwrite)
     text = None if eval_data is None else read_text(eval_data, "--data")
     model, tokenizer = load_model_dir(model_dir, device=config.device)
-    prep = prepare_method(model, tokenizer, config, progress)
+    work = tempfile.TemporaryDirectory(prefix="lwq-hessians-")
+    keep = Path(work.name) if config.calib.block_mode == "parallel" else None
+    prep = prepare_method(model, tokenizer, config, progress, keep)
+    store = None if keep is None else HessianStore.open(keep)
     window = context_window(model.config)
     fp_ppl = None
     if text is not None:
@@ -107,7 +112,7 @@ def sweep(
     for b, plan in zip(budgets, plans, strict=True):
         t = time.perf_counter()
         dest = checkpoint_dir(out, b)
-        report = quantize_model(model_dir, dest, plan, prep.calib, config, progress)
+        report = quantize_model(model_dir, dest, plan, prep.calib, config, progress, store)
         ppl = None
         if text is not None:
             qmodel, qtok, _ = load_quantized(dest, device=config.device)
@@ -128,6 +133,7 @@ def sweep(
         out, rows, prep.state.names, fp_ppl, prepare_seconds, time.perf_counter() - t0
     )
     write_sweep_files(report_)
+    work.cleanup()
     return report_
 
 

@@ -59,11 +59,15 @@ class LayerCost:
 def layer_cost(
     name: str, order: torch.Tensor, shape: tuple[int, int], lo: GridSpec, hi: GridSpec
 ) -> LayerCost:
-    """Cost curve of a layer from its saliency ``ranking`` (flat row-major order)."""
+    """Cost curve of a layer from its saliency ``ranking`` (flat row-major order).
+
+    The ranking may be cut short (the top r_max of the weights): a (row, group)
+    pair none of whose weights is in it never activates within the range.
+    """
     d_out, d_in = shape
     n = d_out * d_in
-    rank = torch.empty(n, dtype=torch.int64)
-    rank[order] = torch.arange(n)
+    rank = torch.full((n,), n, dtype=torch.int64)
+    rank[order.long()] = torch.arange(order.numel())
     g = hi.group_len(d_in)
     cols = torch.arange(d_in).repeat(d_out)
     rows = torch.arange(d_out).repeat_interleave(d_in)

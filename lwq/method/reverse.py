@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 
 from lwq.adapters import ModelAdapter
 from lwq.errors import ConfigError, NumericalError
+from lwq.memory import release, trim
 from lwq.method.qp import SensitivityProfile
 from lwq.method.sensitivity import Delta, ProbeSettings, assemble_profile, probe_levels
 
-HEAD_CHUNK = 256  # tokens whose (chunk, vocabulary) logits are formed at once
+HEAD_CHUNK = 64  # tokens whose (chunk, vocabulary) logits are formed at once
 # Tokens per backward pass: activations kept for the backward grow with it
 # (about 1 GB per 512 tokens for a 135M model), samples per pass too.
 PASS_TOKENS = 512
@@ -109,12 +110,12 @@ class _LayerGradients:
 
     def _directional(self, name: str, g: torch.Tensor) -> None:
         x = self.inputs.pop(name)  # (B, T, d_in); the layer's output gradient g: (B, T, d_out)
-        G = torch.einsum("bto,bti->boi", g.float(), x.float())  # (B, d_out, d_in) per sequence
+        G = torch.bmm(g.float().transpose(1, 2), x.float())  # (B, d_out, d_in) per sequence
         assert self.D is not None
-        col = self.column[name]
-        for level, delta in enumerate(self.deltas[name]):
-            dW = delta.dense().to(G.device)  # one layer at a time: ~1 byte per weight kept
-            self.D[:, col, level] = (G * dW).sum(dim=(1, 2)).double()
+        # The probes' errors, read for this layer only: (levels, d_out, d_in).
+        dW = torch.stack([d.dense() for d in self.deltas[name]]).to(G.device)
+        D = G.reshape(G.shape[0], -1) @ dW.reshape(dW.shape[0], -1).T  # (B, levels)
+        self.D[:, self.column[name], :] = D.double()
 
 
 def _embedding_requires_grad(model: nn.Module) -> Any:
@@ -143,8 +144,10 @@ def _head_gradient(
             logits = adapter.scale_logits(model, head(h)).float()  # (chunk, V)
             if not torch.isfinite(logits).all():
                 raise NumericalError("NaN or inf in the logits of the full-precision model")
-            with torch.no_grad():
-                y = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
+            with torch.no_grad():  # y ~ p by the inverse CDF (multinomial is slow here)
+                cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+                u = torch.rand(cdf.shape[0], 1, generator=gen) * cdf[:, -1:]
+                y = torch.searchsorted(cdf, u)[:, 0].clamp(max=cdf.shape[1] - 1)
             loss = nn.functional.cross_entropy(logits, y, reduction="sum")
             (g,) = torch.autograd.grad(loss, h)
         grad[start : start + HEAD_CHUNK] = g
@@ -170,9 +173,6 @@ def reverse_profile(
     t0 = time.perf_counter()
     levels = probe_levels(settings)
     modules = dict(adapter.iter_layers(model))
-    for n in names:
-        if len(probes[n]) != len(levels):
-            raise ValueError(f"{n}: {len(probes[n])} probe errors for the levels {levels}")
     device = next(model.parameters()).device
     S, T = tokens.shape
     N = len(names)
@@ -182,6 +182,7 @@ def reverse_profile(
     was = [p.requires_grad for p in params]
     per_batch = max(1, PASS_TOKENS // T)
     starts = range(0, S, per_batch)
+    release()  # what the calibration pass freed goes back to the OS first
     handle = _embedding_requires_grad(model)
     try:
         for p in params:
@@ -198,6 +199,8 @@ def reverse_profile(
                 if not torch.isfinite(hooks.D).all():
                     raise NumericalError("NaN or inf in the reverse-mode sensitivity profile")
                 D[start : start + ids.shape[0]] = hooks.D
+                del hidden, grad
+                trim()
     finally:
         handle.remove()
         for p, flag in zip(params, was, strict=True):

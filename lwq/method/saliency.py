@@ -54,14 +54,27 @@ def n_protected(n: int, ratio: float) -> int:
     return min(n, math.ceil(ratio * n - 1e-9)) if ratio > 0 else 0
 
 
-def ranking(scores: torch.Tensor) -> torch.Tensor:
-    """Flat indices (row-major) of the weights from most to least salient."""
-    return torch.argsort(scores.reshape(-1), descending=True, stable=True)
+def ranking(scores: torch.Tensor, keep: float = 1.0) -> torch.Tensor:
+    """Flat indices (row-major) of the weights from most to least salient.
+
+    With ``keep`` < 1 only the top ``n_protected(n, keep)`` are returned, as
+    int32: a state keeps the top r_max of every layer (4 bytes per protected
+    weight at most, instead of 8 per weight).
+    """
+    order = torch.argsort(scores.reshape(-1), descending=True, stable=True)
+    if keep >= 1.0:
+        return order
+    return order[: n_protected(order.numel(), keep)].to(torch.int32)
 
 
 def top_mask(order: torch.Tensor, shape: tuple[int, int], ratio: float) -> torch.Tensor:
     """The mask of the top ceil(r * n) weights of a ``ranking``: (d_out, d_in) bool."""
     n = shape[0] * shape[1]
+    k = n_protected(n, ratio)
+    if k > order.numel():
+        raise ValueError(
+            f"ratio {ratio} needs {k} ranked weights, the ranking holds {order.numel()}"
+        )
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[: n_protected(n, ratio)]] = True
+    mask[order[:k].long()] = True
     return mask.view(shape)

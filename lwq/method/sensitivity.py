@@ -25,8 +25,9 @@ probes.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -75,9 +76,65 @@ class Delta:
 
     def dense(self) -> torch.Tensor:
         """The error as a float32 (d_out, d_in) matrix."""
-        d_in = self.codes.shape[1]
+        d_out, d_in = self.codes.shape
+        if d_in % self.BLOCK == 0:  # the usual case: no padding to cut
+            blocks = self.codes.to(torch.float32).view(d_out, -1, self.BLOCK)
+            return (blocks * self.scales[:, :, None]).view(d_out, d_in)
         scale = self.scales.repeat_interleave(self.BLOCK, dim=1)[:, :d_in]
         return self.codes.to(torch.float32) * scale
+
+
+class DeltaStore(Mapping[str, Sequence[Delta]]):
+    """Probe errors in a file, read one layer at a time when a profile needs them.
+
+    Plain reads into fresh tensors, not a memory map: mapped pages would count
+    in the process's resident memory, these are only the OS's page cache. The
+    three probes of every layer of a model then cost no resident memory.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / "probes.bin"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.index: dict[str, list[tuple[int, tuple[int, int], int, tuple[int, int]]]] = {}
+        self._end = 0
+        self.path.write_bytes(b"")
+
+    def put(self, name: str, deltas: Sequence[Delta]) -> None:
+        entries = []
+        with self.path.open("ab") as f:
+            for d in deltas:
+                codes = d.codes.contiguous().numpy().tobytes()
+                scales = d.scales.contiguous().numpy().tobytes()
+                f.write(codes + scales)
+                entries.append(
+                    (self._end, tuple(d.codes.shape), self._end + len(codes), tuple(d.scales.shape))
+                )
+                self._end += len(codes) + len(scales)
+        self.index[name] = entries  # type: ignore[assignment]
+
+    def __getitem__(self, name: str) -> list[Delta]:
+        out = []
+        with self.path.open("rb") as f:
+            for codes_at, codes_shape, scales_at, scales_shape in self.index[name]:
+                f.seek(codes_at)
+                codes = torch.frombuffer(
+                    bytearray(f.read(codes_shape[0] * codes_shape[1])), dtype=torch.int8
+                ).view(codes_shape)
+                f.seek(scales_at)
+                scales = torch.frombuffer(
+                    bytearray(f.read(4 * scales_shape[0] * scales_shape[1])), dtype=torch.float32
+                ).view(scales_shape)
+                out.append(Delta(codes, scales))
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def probe_levels(settings: ProbeSettings) -> tuple[float, ...]:
@@ -185,10 +242,6 @@ def sensitivity_profile(
     r_max, r_mid = settings.r_max, settings.r_mid
     if r_mid is not None and not 0 < r_mid < r_max:
         raise ValueError(f"r_mid={r_mid} must lie strictly between 0 and r_max={r_max}")
-    levels = probe_levels(settings)
-    for n in names:
-        if len(probes[n]) != len(levels):
-            raise ValueError(f"{n}: {len(probes[n])} probe weights for the levels {levels}")
     fp = {n: adapter.read_weight(modules[n]) for n in names}
     vocab = int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
     P = sketch_matrix(vocab, settings.sketch_dim, settings.seed).to(source.device)

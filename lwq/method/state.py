@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,13 @@ from lwq.method.layer import job_at_ratio
 from lwq.method.qp import Allocation, ProbeInfo, SensitivityProfile, solve_allocation, total_bits
 from lwq.method.reverse import profile_windows, reverse_profile
 from lwq.method.saliency import ranking, saliency
-from lwq.method.sensitivity import Delta, ProbeSettings, probe_levels, sensitivity_profile
+from lwq.method.sensitivity import (
+    Delta,
+    DeltaStore,
+    ProbeSettings,
+    probe_levels,
+    sensitivity_profile,
+)
 from lwq.pack.layer import grid_from_meta, grid_meta
 from lwq.pack.manifest import AllocationReport, GridMeta, LayerAllocation, ProfileInfo
 from lwq.provenance import code_version
@@ -63,7 +70,7 @@ def method_code_version() -> str:
 @dataclass(frozen=True)
 class MethodState:
     names: tuple[str, ...]
-    orders: dict[str, torch.Tensor]  # saliency rankings (flat indices, best first)
+    orders: dict[str, torch.Tensor]  # the top r_max of each saliency ranking (int32, best first)
     costs: tuple[LayerCost, ...]
     profile: SensitivityProfile
     lo: GridSpec
@@ -191,7 +198,8 @@ def prepare(
     levels = probe_levels(settings)
     orders: dict[str, torch.Tensor] = {}
     costs: list[LayerCost] = []
-    probes: dict[str, tuple[Delta, ...]] = {}
+    work = tempfile.TemporaryDirectory(prefix="lwq-probes-")
+    probes = DeltaStore(Path(work.name))  # on disk: read back one layer at a time
     shared_input: list[list[str]] = []
     source = InMemoryCausalLM(model, adapter)
     t = time.perf_counter()
@@ -202,15 +210,18 @@ def prepare(
             W = adapter.read_weight(mod)  # (d_out, d_in)
             H = step.hessians[name]
             scores = saliency(W, H, m.scoring, fisher.get(name), damp=config.gptq.damp, name=name)
-            orders[name] = ranking(scores)
+            orders[name] = ranking(scores, keep=m.r_max)  # the top r_max is all a ratio uses
             shape = (int(W.shape[0]), int(W.shape[1]))
             costs.append(layer_cost(name, orders[name], shape, lo, hi))
             seconds["saliency"] += time.perf_counter() - t
             t = time.perf_counter()
             jobs = [job_at_ratio(name, orders[name], shape, r, lo, hi) for r in levels]
-            probes[name] = tuple(
-                Delta.of(W - quantize_layer(W, H, job, probe_gptq).weight.dequantize())
-                for job in jobs
+            probes.put(
+                name,
+                [
+                    Delta.of(W - quantize_layer(W, H, job, probe_gptq).weight.dequantize())
+                    for job in jobs
+                ],
             )
             seconds["probes"] += time.perf_counter() - t
         groups: dict[int, list[str]] = {}
@@ -233,7 +244,7 @@ def prepare(
             model, adapter, calib, probes, list(names), settings, progress
         )
     seconds["sensitivity"] = time.perf_counter() - t
-    del probes
+    work.cleanup()
     return MethodState(
         names,
         orders,

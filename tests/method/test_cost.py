@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -37,3 +39,18 @@ def test_cost_grows_with_ratio_and_slope_is_positive() -> None:
     assert values == sorted(values)
     assert cost.slope(0.05, 0.01, 0.3) > 0
     assert cost.slope(0.3, 0.01, 0.3) > 0  # backward difference at r_max
+
+
+def test_a_ranking_cut_at_r_max_gives_the_same_costs_and_masks_within_it() -> None:
+
+    W = torch.randn(48, 256)
+    full, cut = ranking(W.abs()), ranking(W.abs(), keep=0.3)
+    assert cut.dtype == torch.int32 and cut.numel() == math.ceil(0.3 * W.numel())
+    lo, hi = GridSpec(2, 64), GridSpec(4, 64)
+    a = layer_cost("l", full, (48, 256), lo, hi)
+    b = layer_cost("l", cut, (48, 256), lo, hi)
+    for r in (0.0, 0.01, 0.1, 0.3):
+        assert a.nbytes(r) == b.nbytes(r)
+        assert torch.equal(top_mask(full, (48, 256), r), top_mask(cut, (48, 256), r))
+    with pytest.raises(ValueError, match="needs 3688 ranked weights, the ranking holds 3687"):
+        top_mask(cut, (48, 256), 0.3001)

@@ -161,11 +161,14 @@ def test_layer_by_layer_checkpoint_equals_the_parallel_pass(family: str, tmp_pat
     plan = plan_for(cfg, state)
     assert isinstance(plan, MethodPlan)
     one_pass = quantize_model(model_dir, tmp_path / "a", plan, calib, cfg, False).manifest
+    # From the Hessians prepare stored, without a calibration pass: the same bytes.
+    store = HessianStore.open(tmp_path / "state" / "hessians")
+    stored = quantize_model(model_dir, tmp_path / "s", plan, calib, cfg, False, store).manifest
+    assert stored.files == one_pass.files
 
     save_state(state, tmp_path / "state")
     light = load_state(tmp_path / "state", expect_code=state.code_version)
     assert light.names == state.names and torch.equal(light.profile.AtA, state.profile.AtA)
-    store = HessianStore.open(tmp_path / "state" / "hessians")
     weights = read_layer_weights(model_dir, list(state.names))
     gptq, errors = cfg.gptq.settings(), {}
     for name, r in zip(plan.alloc.names, plan.alloc.ratios, strict=True):
