@@ -91,3 +91,14 @@ def test_one_window_rule_for_every_command() -> None:
     assert context_window(SimpleNamespace(max_position_embeddings=8192), 512) == 512
     with pytest.raises(ConfigError, match="--seq-len 1"):
         context_window(SimpleNamespace(), 1)
+
+
+def test_profile_settings_apply_to_their_estimator() -> None:
+    with pytest.raises(ConfigError, match=r"method\.sketch_dim applies to method\.profile=forward"):
+        make_config({"quant": {"method": "lwq"}, "method": {"sketch_dim": 64}})
+    with pytest.raises(ConfigError, match=r"method\.profile_samples apply to method\.profile=rev"):
+        make_config(
+            {"quant": {"method": "lwq"}, "method": {"profile": "forward", "profile_samples": 64}}
+        )
+    cfg = make_config({"quant": {"method": "lwq"}, "method": {"profile": "forward"}})
+    assert cfg.method.sketch_dim == 128

@@ -67,3 +67,16 @@ def evaluate(model: Any, tok: Any, seq_len: int, fp_model: Any = None) -> dict[s
         div = output_divergence(fp_model, model, heldout_windows(tok, seq_len))
         out["kl"], out["ce_increase"] = div.kl, div.ce_increase
     return out
+
+
+def evaluate_real(model: Any, tok: Any, full: bool) -> dict[str, float]:
+    """The real-model protocol of benchmarks/real.py (WikiText-2 quarter, and full)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from realmodel import perplexity, quarter_ids, wikitext_ids
+
+    out = {"ppl_quarter": perplexity(model, quarter_ids(tok))}
+    if full:
+        out["ppl_full"] = perplexity(model, wikitext_ids(tok))
+    return out

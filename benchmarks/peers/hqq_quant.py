@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common`
-from common import conv1d_to_linear, evaluate
+from common import conv1d_to_linear, evaluate, evaluate_real
 
 
 def main() -> None:
@@ -34,6 +34,13 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument(
+        "--eval",
+        choices=["zoo", "real"],
+        default="zoo",
+        help="zoo: validation slice, WikiText-2, KL; real: benchmarks/real.py's protocol",
+    )
+    ap.add_argument("--full", action="store_true", help="real: also the whole WikiText-2 test")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -72,7 +79,11 @@ def main() -> None:
         "bits": bits,
         "conv1d_converted": converted,
         "seconds": seconds,
-        **evaluate(model, tok, seq, fp_model=fp),
+        **(
+            evaluate_real(model, tok, args.full)
+            if args.eval == "real"
+            else evaluate(model, tok, seq, fp_model=fp)
+        ),
     }
     print("RESULT " + json.dumps(res))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common`
-from common import ZOO, conv1d_to_linear, evaluate
+from common import ZOO, conv1d_to_linear, evaluate, evaluate_real
 
 
 def main() -> None:
@@ -43,6 +43,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     ap.add_argument("--calib", type=Path, default=ZOO / "data" / "calibration.txt")
     ap.add_argument("--kl", action="store_true", help="also KL to the full-precision model")
+    ap.add_argument(
+        "--eval",
+        choices=["zoo", "real"],
+        default="zoo",
+        help="zoo: validation slice, WikiText-2, KL; real: benchmarks/real.py's protocol",
+    )
+    ap.add_argument("--full", action="store_true", help="real: also the whole WikiText-2 test")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -94,7 +101,11 @@ def main() -> None:
         # As lwq packs the same grid: a float16 scale and a b-bit zero per group.
         "bits_per_weight": args.bits
         + (16 + (0 if args.symmetric else args.bits)) / args.group_size,
-        **evaluate(model, tok, seq, fp_model=fp),
+        **(
+            evaluate_real(model, tok, args.full)
+            if args.eval == "real"
+            else evaluate(model, tok, seq, fp_model=fp)
+        ),
     }
     print("RESULT " + json.dumps(res))
 

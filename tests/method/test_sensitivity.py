@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import ZOO
@@ -145,3 +147,18 @@ def test_reverse_mode_estimates_the_forward_gram_matrices() -> None:
     for a, b in ((fwd.AtA, rev.AtA), (fwd.AtB, rev.AtB), (fwd.BtB, rev.BtB)):
         assert float((a - b).abs().max()) < 0.12 * scale, (a.diagonal(), b.diagonal())
     assert float(rev.AtA.diagonal().min()) > 0
+
+
+def test_probe_errors_round_trip_through_their_file(tmp_path: Path) -> None:
+    from lwq.method.sensitivity import DeltaStore
+
+    store = DeltaStore(tmp_path)
+    a = [Delta.of(torch.randn(8, 128)), Delta.of(torch.randn(8, 128) * 1e-3)]
+    b = [Delta.of(torch.randn(3, 70))]
+    store.put("a", a)
+    store.put("b", b)
+    assert list(store) == ["a", "b"] and len(store) == 2
+    for got, want in zip([*store["a"], *store["b"]], [*a, *b], strict=True):
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    store.close()
+    assert not store.path.exists()

@@ -1,0 +1,332 @@
+"""Quality on a real model (issue 13): SmolLM2-135M at 2.5, 3.0 and 3.5 bits per weight.
+
+Every row uses the same calibration tokens (64 x 512 of zoo/data/calibration.txt)
+and the same evaluation: WikiText-2 perplexity on the first quarter of
+wiki.test.raw (20 windows of 2048 tokens; ``--full`` adds the whole test set),
+bits per quantized weight from the checkpoint's bytes, wall time and peak RSS
+of the quantizing process (measured by wait4 on the child that quantizes).
+
+Rows:
+  fp          the float16 model, evaluated in float32
+  uniform     lwq's RTN and GPTQ at W2 g32/g64, W3 g64/g128, W4 g128
+  lwq         the method and its ablations at each budget, per (lo, hi, group)
+              configuration: the QP (``lwq``), ``diagonal`` (no cross-layer
+              terms), ``fixed`` (one ratio), ``chord`` (no fitted curves), and
+              float16 high-impact weights at a fixed 0.45 % (SqueezeLLM-style).
+              One process per configuration prepares the method's state once and
+              quantizes every row from it (as ``lwq sweep`` does); its wall time
+              is reported as prepare (shared) + the row's own quantization.
+  peers       HQQ and llm-compressor's GPTQ, in their own environment
+              (``--peer-python``), at the uniform settings they accept
+
+Results are saved after every row (``--json``) and rows already there are
+skipped, so an interrupted run continues where it stopped.
+
+    python benchmarks/real.py --parts fp uniform lwq --peer-python /work/peers-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from realmodel import (
+    CALIB,
+    REPO,
+    WIKITEXT,
+    fmt_ppl,
+    lwq_cmd,
+    model_dir,
+    perplexity,
+    quarter_ids,
+    run_child,
+    wikitext_ids,
+)
+
+UNIFORM = [(2, 32), (2, 64), (3, 64), (3, 128), (4, 128)]
+PEERS = {"hqq": UNIFORM, "llm-compressor": [(2, 32), (2, 64), (3, 64), (4, 64)]}
+FP16_RATIO = 0.0045
+CALIB_ARGS = ["--calib", str(CALIB), "--n-samples", "64", "--seq-len", "512"]
+
+
+def evaluate(path: Path, full: bool) -> dict[str, float]:
+    """Perplexities of a model directory or packed checkpoint (dequantised, float32)."""
+    from lwq.models import load_model_dir
+    from lwq.pack.checkpoint import MANIFEST, load_quantized
+
+    if (path / MANIFEST).is_file():
+        model, tok, _ = load_quantized(path)
+    else:
+        model, tok = load_model_dir(path)
+    out = {"ppl_quarter": perplexity(model, quarter_ids(tok))}
+    if full:
+        out["ppl_full"] = perplexity(model, wikitext_ids(tok))
+    return out
+
+
+def eval_child(path: Path, full: bool) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--eval-child", str(path)] + (["--full"] if full else [])
+    res = run_child(cmd)
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def bits_of(path: Path) -> float:
+    from lwq.pack.checkpoint import read_manifest
+
+    return read_manifest(path, verify=False).bits.from_bytes
+
+
+def uniform_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
+    for method in ("rtn", "gptq"):
+        for bits, group in UNIFORM:
+            key = f"{method} W{bits} g{group}"
+            if key in done:
+                continue
+            out = args.work / key.replace(" ", "-")
+            cmd = lwq_cmd("quantize", "--model", str(args.model), "--method", method)
+            cmd += ["--bits", str(bits), "--group-size", str(group), "--out", str(out)]
+            cmd += ["--overwrite", "-q"] + ([] if method == "rtn" else CALIB_ARGS)
+            run = run_child(cmd)
+            yield (
+                key,
+                {
+                    "family": "uniform",
+                    "method": method,
+                    "bits": bits_of(out),
+                    "seconds": run.seconds,
+                    "peak_rss_mib": run.peak_rss_mib,
+                    **eval_child(out, args.full),
+                },
+            )
+
+
+def lwq_child(spec: dict[str, Any]) -> None:
+    """One configuration: prepare once, then every budget and variant; JSON lines."""
+    import resource
+
+    from lwq.config import make_config
+    from lwq.method.state import HessianStore, allocate, fixed_allocation
+    from lwq.models import load_model_dir
+    from lwq.quantize import MethodPlan, prepare_method, quantize_model
+
+    work = Path(spec["work"])
+    method = {"lo_bits": spec["lo"], "hi_bits": spec["hi"], "group_size": spec["group"]}
+    method.update(spec.get("method", {}))
+
+    def config(**extra: Any) -> Any:
+        return make_config(
+            {
+                "model": spec["model"],
+                "overwrite": True,
+                "calib": {
+                    "source": str(CALIB),
+                    "n_samples": 64,
+                    "seq_len": 512,
+                    "mode": spec["mode"],
+                },
+                "quant": {"method": "lwq"},
+                "method": {**method, **extra},
+            }
+        )
+
+    t = time.perf_counter()
+    model, tok = load_model_dir(Path(spec["model"]))
+    keep = work / "hessians" if spec["mode"] == "parallel" else None
+    prep = prepare_method(model, tok, config(), progress=False, hessians=keep)
+    del model
+    store = None if keep is None else HessianStore.open(keep)
+    prepare_s = time.perf_counter() - t
+    print(json.dumps({"prepare": prepare_s, "stages": prep.state.seconds}), flush=True)
+    state = prep.state
+    chord = dataclasses.replace(state.profile, gamma=None)
+    for budget in spec["budgets"]:
+        for variant in spec["variants"]:
+            if variant == "fp16" and budget != spec["budgets"][0]:
+                continue  # one fixed ratio: one row whatever the budget
+            t = time.perf_counter()
+            cfg = config(budget=budget)
+            if variant == "fp16":
+                from lwq.method.cost import layer_cost
+                from lwq.quant.grid import FLOAT_BITS, GridSpec
+
+                lo, hi = state.lo, GridSpec(FLOAT_BITS, state.lo.group_size)
+                costs = tuple(
+                    layer_cost(c.name, state.orders[c.name], c.shape, lo, hi) for c in state.costs
+                )
+                s16 = dataclasses.replace(state, hi=hi, costs=costs)
+                plan = MethodPlan(s16, fixed_allocation(s16, FP16_RATIO))
+            elif variant == "fixed":
+                cfg = config(budget=budget, objective="fixed")
+                plan = MethodPlan(state, allocate(state, cfg))
+            elif variant == "diagonal":
+                cfg = config(budget=budget, objective="diagonal")
+                plan = MethodPlan(state, allocate(state, cfg))
+            elif variant == "chord":
+                s_chord = dataclasses.replace(state, profile=chord)
+                plan = MethodPlan(s_chord, allocate(s_chord, cfg))
+            else:
+                plan = MethodPlan(state, allocate(state, cfg))
+            out = work / f"{variant}-{budget}"
+            report = quantize_model(Path(spec["model"]), out, plan, prep.calib, cfg, False, store)
+            print(
+                json.dumps(
+                    {
+                        "variant": variant,
+                        "budget": budget,
+                        "out": str(out),
+                        "bits": report.bits,
+                        "seconds": time.perf_counter() - t,
+                        "predicted_kl": plan.alloc.predicted_loss,
+                        "mean_ratio": sum(plan.alloc.ratios) / len(plan.alloc.ratios),
+                        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    }
+                ),
+                flush=True,
+            )
+
+
+def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
+    for config in args.lwq_configs:
+        lo, hi, group = (int(x) for x in config.split("/"))
+        tag = f"lwq {lo}/{hi} g{group} {args.mode}"
+        variants = [v for v in args.variants if f"{tag} {v}" not in done]
+        if not variants:
+            continue
+        spec = {
+            "model": str(args.model),
+            "work": str(args.work / tag.replace(" ", "-").replace("/", "-")),
+            "lo": lo,
+            "hi": hi,
+            "group": group,
+            "mode": args.mode,
+            "budgets": args.budgets,
+            "variants": variants,
+        }
+        run = run_child([sys.executable, __file__, "--lwq-child", json.dumps(spec)])
+        lines = [json.loads(x) for x in run.stdout.strip().splitlines() if x.startswith("{")]
+        prepare = lines[0]
+        for row in lines[1:]:
+            name = (
+                row["variant"] if row["variant"] == "fp16" else f"{row['variant']} {row['budget']}"
+            )
+            yield (
+                f"{tag} {name}",
+                {
+                    "family": "lwq",
+                    "config": tag,
+                    **row,
+                    "prepare_seconds": prepare["prepare"],
+                    "stages": prepare["stages"],
+                    "process_peak_rss_mib": run.peak_rss_mib,
+                    **eval_child(Path(row["out"]), args.full),
+                },
+            )
+
+
+def peer_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
+    if not args.peer_python:
+        return
+    scripts = {"hqq": "hqq_quant.py", "llm-compressor": "llmcompressor_gptq.py"}
+    for tool, settings in PEERS.items():
+        for bits, group in settings:
+            key = f"{tool} W{bits} g{group}"
+            if key in done:
+                continue
+            cmd = [args.peer_python, str(REPO / "benchmarks" / "peers" / scripts[tool])]
+            cmd += ["--model", str(args.model), "--bits", str(bits), "--group-size", str(group)]
+            cmd += ["--eval", "real"] + (["--full"] if args.full else [])
+            if tool == "llm-compressor":
+                cmd += ["--n-samples", "64", "--seq-len", "512"]
+            try:
+                run = run_child(cmd, env={"PYTHONPATH": str(REPO)})
+            except RuntimeError as err:
+                yield key, {"family": "peer", "tool": tool, "error": str(err)[-500:]}
+                continue
+            res = json.loads(run.stdout.split("RESULT ", 1)[1].splitlines()[0])
+            yield (
+                key,
+                {
+                    "family": "peer",
+                    "tool": tool,
+                    "bits": res.get("bits_per_weight", res.get("bits")),
+                    "seconds": res["seconds"],
+                    "peak_rss_mib": run.peak_rss_mib,
+                    **{k: v for k, v in res.items() if k.startswith("ppl_")},
+                },
+            )
+
+
+def print_table(rows: dict[str, Any]) -> None:
+    print(
+        "\n| row | bits (bytes) | ppl WikiText-2 quarter | ppl full test | seconds | peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|")
+    for key, r in sorted(rows.items(), key=lambda kv: (kv[1].get("bits", 99), kv[0])):
+        if "error" in r:
+            print(f"| {key} | - | error: {r['error'][-80:]} | | | |")
+            continue
+        full = fmt_ppl(r["ppl_full"]) if "ppl_full" in r else "-"
+        secs = r.get("seconds", 0.0)
+        if "prepare_seconds" in r:
+            secs_s = f"{r['prepare_seconds']:.0f} + {secs:.0f}"
+        else:
+            secs_s = f"{secs:.0f}"
+        rss = r.get("process_peak_rss_mib", r.get("peak_rss_mib", float("nan")))
+        print(
+            f"| {key} | {r.get('bits', 16.0):.3f} | {fmt_ppl(r['ppl_quarter'])} | {full} "
+            f"| {secs_s} | {rss:.0f} |"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--parts", nargs="+", default=["fp", "uniform", "lwq", "peers"])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5])
+    ap.add_argument(
+        "--lwq-configs", nargs="+", default=["2/4/128"], help="LO/HI/GROUP of the method"
+    )
+    ap.add_argument("--variants", nargs="+", default=["lwq", "diagonal", "fixed", "chord", "fp16"])
+    ap.add_argument("--mode", choices=["parallel", "sequential"], default="sequential")
+    ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor)")
+    ap.add_argument("--full", action="store_true", help="also the whole WikiText-2 test set")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/real"))
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "real.json")
+    ap.add_argument("--eval-child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--lwq-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.eval_child:
+        print(json.dumps(evaluate(args.eval_child, args.full)))
+        return
+    if args.lwq_child:
+        lwq_child(json.loads(args.lwq_child))
+        return
+    if not WIKITEXT.is_file():
+        raise SystemExit(f"WikiText-2 not found at {WIKITEXT}")
+    args.model = model_dir()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, Any] = json.loads(args.json.read_text()) if args.json.is_file() else {}
+
+    def save(key: str, row: dict[str, Any]) -> None:
+        rows[key] = row
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"{key}: {json.dumps(row)[:300]}", flush=True)
+
+    if "fp" in args.parts and "fp" not in rows:
+        save("fp", {"family": "fp", "bits": 16.0, **eval_child(args.model, args.full)})
+    parts = {"uniform": uniform_rows, "lwq": lwq_rows, "peers": peer_rows}
+    for part, rows_of in parts.items():
+        if part in args.parts:
+            for key, row in rows_of(args, rows):
+                save(key, row)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
