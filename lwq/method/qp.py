@@ -58,6 +58,8 @@ class ProbeInfo:
     seed: int
     calib_sha256: str
     seconds: float
+    estimator: str = "forward"  # or "reverse" (lwq.method.reverse)
+    samples: int = 0  # reverse: profile sequences (one sample each)
 
 
 @dataclass(frozen=True)

@@ -219,4 +219,5 @@ def reverse_profile(
         S * T,
         calib_sha256,
         time.perf_counter() - t0,
+        samples=S,
     )

@@ -307,14 +307,19 @@ def assemble_profile(
     n_tokens: int,
     calib_sha256: str,
     seconds: float,
+    samples: int = 0,
 ) -> SensitivityProfile:
-    """The profile from summed Gram matrices (and damages at r_mid) over ``n_tokens``."""
+    """The profile from summed Gram matrices (and damages at r_mid) over ``n_tokens``
+    (``samples`` > 0: a reverse-mode estimate from that many sequences)."""
     r_max, r_mid = settings.r_max, settings.r_mid
     gamma = None
     if r_mid is not None:
         s_mid = chord_point(AtA.diagonal(), AtB.diagonal(), BtB.diagonal(), mid_sq)
         gamma = curve_exponents(s_mid / r_max, r_mid, r_max)
-    info = ProbeInfo(settings.sketch_dim, r_mid, settings.seed, calib_sha256, seconds)
+    estimator = "reverse" if samples else "forward"
+    info = ProbeInfo(
+        settings.sketch_dim, r_mid, settings.seed, calib_sha256, seconds, estimator, samples
+    )
     return SensitivityProfile(
         tuple(names),
         r_max,

@@ -336,6 +336,8 @@ def allocation_report(
             seed=probe.seed,
             calib_sha256=probe.calib_sha256,
             seconds=probe.seconds,
+            estimator=probe.estimator,
+            samples=probe.samples,
         ),
     )
 

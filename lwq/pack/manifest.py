@@ -112,6 +112,8 @@ class ProfileInfo(_Frozen):
     seed: int
     calib_sha256: str
     seconds: float
+    estimator: str = "forward"  # how the profile was measured: forward or reverse
+    samples: int = 0  # reverse: profile sequences
 
 
 class AllocationReport(_Frozen):
