@@ -56,6 +56,12 @@ def main() -> None:
     ap.add_argument("--n-allocs", type=int, default=24)
     ap.add_argument("--levels", nargs="+", default=["spread", "0.1", "0.03"])
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
+    ap.add_argument(
+        "--reuse-kl",
+        type=Path,
+        help="a previous result: its measured KLs (same allocations, seeded) are reused, only "
+        "the profile is computed again (to compare profile settings)",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/real-fidelity"))
     ap.add_argument(
         "--json", type=Path, default=REPO / "benchmarks" / "results" / "real_fidelity.json"
@@ -101,17 +107,26 @@ def main() -> None:
     model = copy.deepcopy(fp)
     modules = dict(adapter.iter_layers(model))
     originals = {n: adapter.read_weight(modules[n]) for n in state.names}
+    reused = {}
+    if args.reuse_kl:
+        old = json.loads(args.reuse_kl.read_text())
+        reused = {f["family"]: [r["kl"] for r in f["rows"]] for f in old["families"]}
+    results["shrinkage"] = profile.probe.shrinkage if profile.probe else None
     for level in args.levels:
         lv = None if level == "spread" else float(level)
         rows = []
         allocs = random_allocations(len(state.names), args.n_allocs, profile.r_max, 0, lv)
         for k, ratios in enumerate(allocs):
             t = time.perf_counter()
-            for name, r in zip(state.names, ratios, strict=True):
-                W = originals[name]
-                q = quantize_layer(W, hessians.get(name), state.job(name, float(r)), gptq).weight
-                adapter.write_weight(modules[name], q.dequantize())
-            kl = kl_to(model, windows, ref)
+            if level in reused:
+                kl = reused[level][k]
+            else:
+                for name, r in zip(state.names, ratios, strict=True):
+                    W = originals[name]
+                    job = state.job(name, float(r))
+                    q = quantize_layer(W, hessians.get(name), job, gptq).weight
+                    adapter.write_weight(modules[name], q.dequantize())
+                kl = kl_to(model, windows, ref)
             bits = sum(c.bits(float(r)) for c, r in zip(state.costs, ratios, strict=True))
             rows.append(
                 {

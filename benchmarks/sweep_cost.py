@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "zoo"
 
 
-
 def profile_samples(args: argparse.Namespace) -> int:
     return int(min(256, args.n_samples * (args.seq_len // 128)))
+
 
 def config(model: str, out: Path, args: argparse.Namespace) -> Any:
     from lwq.config import make_config

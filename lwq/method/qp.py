@@ -60,6 +60,7 @@ class ProbeInfo:
     seconds: float
     estimator: str = "forward"  # or "reverse" (lwq.method.reverse)
     samples: int = 0  # reverse: profile sequences (one sample each)
+    shrinkage: float = 0.0  # reverse: how far the cross-layer terms were pulled to zero
 
 
 @dataclass(frozen=True)

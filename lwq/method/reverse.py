@@ -28,6 +28,7 @@ one layer at a time, and dotted with the probes' errors; nothing of size
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -206,18 +207,60 @@ def reverse_profile(
         handle.remove()
         for p, flag in zip(params, was, strict=True):
             p.requires_grad_(flag)
+    return profile_from_samples(D, names, settings, T, calib_sha256, time.perf_counter() - t0)
+
+
+def shrink_cross_layer(X: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, float]:
+    """The Gram matrix X^T X of samples X (S, k N), its cross-layer entries shrunk.
+
+    Columns hold k quantities per layer (layer-major blocks of N). Each sample
+    gives one rank-1 term, so the cross-layer entries are noisy estimates of
+    small values: they are pulled towards zero by the data-chosen factor of
+    Schaefer and Strimmer (the summed estimated variance of those entries over
+    their summed squares), while every layer's own k x k block is kept. A convex
+    combination of the Gram and its layer-block-diagonal part, the result stays
+    positive semi-definite. Returns (summed Gram, shrinkage in [0, 1]).
+    """
+    S = X.shape[0]
+    G = X.T @ X  # sums over samples
+    layer = torch.arange(X.shape[1]) % n_layers
+    cross = layer[:, None] != layer[None, :]
+    mean = G / S
+    # Variance of each entry's sample mean: var(x_i x_j) / S, from the samples.
+    second = (X.square().T @ X.square()) / S  # E[x_i^2 x_j^2]
+    var = (second - mean.square()).clamp(min=0.0) / max(1, S - 1)
+    denom = float(mean[cross].square().sum())
+    shrink = 1.0 if denom == 0.0 else min(1.0, float(var[cross].sum()) / denom)
+    G = torch.where(cross, (1.0 - shrink) * G, G)
+    return G, shrink
+
+
+def profile_from_samples(
+    D: torch.Tensor,
+    names: Sequence[str],
+    settings: ProbeSettings,
+    seq_len: int,
+    calib_sha256: str,
+    seconds: float,
+) -> SensitivityProfile:
+    """The profile from per-sequence directional derivatives D (S, N, levels)."""
+    S, N, n_levels = D.shape
     A = D[:, :, 0]  # (S, N)
     B = (D[:, :, 0] - D[:, :, 1]) / settings.r_max
-    mid_sq = D[:, :, 2].square().sum(dim=0) if len(levels) > 2 else torch.zeros(N)
-    return assemble_profile(
+    G, shrink = shrink_cross_layer(torch.cat([A, B], dim=1), N)
+    mid_sq = D[:, :, 2].square().sum(dim=0) if n_levels > 2 else torch.zeros(N)
+    profile = assemble_profile(
         names,
         settings,
-        A.T @ A,
-        A.T @ B,
-        B.T @ B,
+        G[:N, :N],
+        G[:N, N:],
+        G[N:, N:],
         mid_sq.double(),
-        S * T,
+        S * seq_len,
         calib_sha256,
-        time.perf_counter() - t0,
+        seconds,
         samples=S,
     )
+    assert profile.probe is not None
+    probe = dataclasses.replace(profile.probe, shrinkage=shrink)
+    return dataclasses.replace(profile, probe=probe)

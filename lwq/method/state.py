@@ -338,6 +338,7 @@ def allocation_report(
             seconds=probe.seconds,
             estimator=probe.estimator,
             samples=probe.samples,
+            shrinkage=probe.shrinkage,
         ),
     )
 

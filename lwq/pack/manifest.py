@@ -114,6 +114,7 @@ class ProfileInfo(_Frozen):
     seconds: float
     estimator: str = "forward"  # how the profile was measured: forward or reverse
     samples: int = 0  # reverse: profile sequences
+    shrinkage: float = 0.0  # reverse: cross-layer terms pulled towards zero by this factor
 
 
 class AllocationReport(_Frozen):

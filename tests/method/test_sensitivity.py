@@ -162,3 +162,20 @@ def test_probe_errors_round_trip_through_their_file(tmp_path: Path) -> None:
         assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
     store.close()
     assert not store.path.exists()
+
+
+def test_cross_layer_noise_is_shrunk_and_signal_kept() -> None:
+    from lwq.method.reverse import shrink_cross_layer
+
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(64, 6, generator=gen, dtype=torch.float64)  # 3 layers x (a, b)
+    G, shrink = shrink_cross_layer(noise, 3)
+    assert shrink > 0.5  # independent columns: the cross-layer entries are noise
+    common = torch.randn(64, 1, generator=gen, dtype=torch.float64)
+    signal = common + 0.1 * torch.randn(64, 6, generator=gen, dtype=torch.float64)
+    _, shrink2 = shrink_cross_layer(signal, 3)
+    assert shrink2 < 0.1  # strongly correlated layers: kept
+    raw = noise.T @ noise
+    same = torch.arange(6)[:, None] % 3 == torch.arange(6)[None, :] % 3
+    assert torch.equal(G[same], raw[same])  # each layer's own block is untouched
+    assert float(torch.linalg.eigvalsh(G).min()) > -1e-9
