@@ -117,7 +117,8 @@ def lwq_child(spec: dict[str, Any]) -> None:
 
     work = Path(spec["work"])
     method = {"lo_bits": spec["lo"], "hi_bits": spec["hi"], "group_size": spec["group"]}
-    method.update(spec.get("method", {}))
+    if spec.get("r_max") is not None:
+        method["r_max"] = spec["r_max"]
 
     def config(**extra: Any) -> Any:
         return make_config(
@@ -193,17 +194,19 @@ def lwq_child(spec: dict[str, Any]) -> None:
 
 def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
     for config in args.lwq_configs:
-        lo, hi, group = (int(x) for x in config.split("/"))
-        tag = f"lwq {lo}/{hi} g{group} {args.mode}"
+        lo, hi, group, *rest = config.split("/")
+        r_max = float(rest[0]) if rest else None
+        tag = f"lwq {lo}/{hi} g{group}" + (f" r{r_max:g}" if rest else "") + f" {args.mode}"
         variants = [v for v in args.variants if f"{tag} {v}" not in done]
         if not variants:
             continue
         spec = {
             "model": str(args.model),
             "work": str(args.work / tag.replace(" ", "-").replace("/", "-")),
-            "lo": lo,
-            "hi": hi,
-            "group": group,
+            "lo": int(lo),
+            "hi": int(hi),
+            "group": int(group),
+            "r_max": r_max,
             "mode": args.mode,
             "budgets": args.budgets,
             "variants": variants,
@@ -289,7 +292,10 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["fp", "uniform", "lwq", "peers"])
     ap.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5])
     ap.add_argument(
-        "--lwq-configs", nargs="+", default=["2/4/128"], help="LO/HI/GROUP of the method"
+        "--lwq-configs",
+        nargs="+",
+        default=["2/4/128/0.6"],
+        help="LO/HI/GROUP[/R_MAX] of the method (r_max must reach the budget's mean ratio)",
     )
     ap.add_argument("--variants", nargs="+", default=["lwq", "diagonal", "fixed", "chord", "fp16"])
     ap.add_argument("--mode", choices=["parallel", "sequential"], default="sequential")

@@ -41,6 +41,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any
             "method.curve": args.curve,
             "method.hi_bits": args.hi_bits,
             "method.lo_bits": args.lo_bits,
+            "method.r_max": args.r_max,
             "method.scoring": args.scoring,
             "method.ties": args.ties,
             "method.hi_refine": args.hi_refine,
@@ -135,6 +136,12 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         help="method.hi_bits of the high-impact weights (default 4; 16 = float16 values)",
     )
     p.add_argument("--lo-bits", type=int, help="method.lo_bits of the other weights (default 2)")
+    p.add_argument(
+        "--r-max",
+        type=float,
+        help="method.r_max, the largest ratio of a layer (default 0.3); the highest budget "
+        "reachable is about lo_bits + r_max x (hi_bits - lo_bits) plus the grids' scales",
+    )
     p.add_argument(
         "--scoring",
         choices=["obs", "act", "fisher"],

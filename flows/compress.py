@@ -18,6 +18,7 @@ from prefect import flow, unmapped
 from prefect.context import get_run_context
 
 from lwq.config import LwqConfig, resolve_inputs
+from lwq.quantize import check_budgets
 from tasks.runners import task_runner_for
 from tasks.stages import (
     EvalReport,
@@ -174,6 +175,8 @@ def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressR
     """
     config.check_for("run")
     config = resolve_inputs(config, evaluation=True)
+    if config.model is not None:  # a budget the grids cannot reach fails before any task
+        check_budgets(Path(config.model), config, budgets or [config.method.budget])
     options: dict[str, Any] = {
         "task_runner": task_runner_for(config.pipeline),
         # Task results (and so the caches) live with the rest of the work.

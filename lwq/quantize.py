@@ -23,8 +23,9 @@ import torch
 from lwq.adapters import ModelAdapter, adapter_for
 from lwq.calibration import CalibrationSet, build_calibration_set
 from lwq.config import LwqConfig, resolve_inputs
-from lwq.errors import LwqError
+from lwq.errors import ConfigError, LwqError
 from lwq.loading import LazyCausalLM, SafetensorsIndex
+from lwq.method.cost import reachable_bits
 from lwq.method.qp import Allocation
 from lwq.method.state import HessianStore, MethodState, allocate, allocation_report, prepare
 from lwq.models import (
@@ -280,6 +281,35 @@ class Prepared:
     state: MethodState
 
 
+def check_budgets(model_dir: Path, config: LwqConfig, budgets: list[float]) -> None:
+    """Refuse a budget the method's grids cannot reach, before any work.
+
+    Bounds come from the layers' shapes alone (``reachable_bits``); the exact
+    range is checked again once the saliency rankings are known.
+    """
+    from transformers import AutoConfig
+
+    check_model_dir(model_dir)
+    m = config.method
+    model = empty_model(AutoConfig.from_pretrained(model_dir))
+    adapter = adapter_for(model)
+    shapes = [adapter.shape(module) for _, module in adapter.iter_layers(model)]
+    low, high = reachable_bits(shapes, *m.grids(), m.r_max)
+    for b in budgets:
+        if b < low:
+            raise ConfigError(
+                f"method.budget={b:g} is below the {low:.3f} bits per weight of every weight "
+                f"at method.lo_bits={m.lo_bits} (group {m.group_size}): raise the budget, or "
+                "lower method.lo_bits or use a larger method.group_size"
+            )
+        if b > high:
+            raise ConfigError(
+                f"method.budget={b:g} is above the at most {high:.3f} bits per weight reachable "
+                f"with method.r_max={m.r_max:g} of the weights at method.hi_bits={m.hi_bits}: "
+                f"raise method.r_max (--r-max) or method.lo_bits (--lo-bits)"
+            )
+
+
 def prepare_method(
     model: Any,
     tokenizer: Any,
@@ -308,6 +338,7 @@ def quantize(config: LwqConfig, progress: bool = True) -> QuantizeReport:
     calib, state, store = None, None, None
     work = tempfile.TemporaryDirectory(prefix="lwq-hessians-")
     if config.quant.method == "lwq":
+        check_budgets(model_dir, config, [config.method.budget])
         # Parallel mode quantizes from the full-precision Hessians the method
         # computes anyway: kept on disk, they save a second calibration pass.
         keep = Path(work.name) if config.calib.block_mode == "parallel" else None

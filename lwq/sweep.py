@@ -25,7 +25,7 @@ from lwq.method.state import HessianStore
 from lwq.models import check_model_dir, context_window, load_model_dir
 from lwq.pack.checkpoint import check_output_dir, load_quantized
 from lwq.plots import allocation_plot, pareto_front, pareto_plot
-from lwq.quantize import MethodPlan, plan_for, prepare_method, quantize_model
+from lwq.quantize import MethodPlan, check_budgets, plan_for, prepare_method, quantize_model
 from lwq.textio import read_text
 
 
@@ -94,6 +94,7 @@ def sweep(
     check_model_dir(model_dir)
     for b in budgets:
         check_output_dir(checkpoint_dir(out, b), config.overwrite)
+    check_budgets(model_dir, config, budgets)
     text = None if eval_data is None else read_text(eval_data, "--data")
     model, tokenizer = load_model_dir(model_dir, device=config.device)
     work = tempfile.TemporaryDirectory(prefix="lwq-hessians-")

@@ -75,3 +75,24 @@ def layer_cost(
     first = torch.full((d_out * hi.n_groups(d_in),), n, dtype=torch.int64)
     first.scatter_reduce_(0, pair, rank, reduce="amin")
     return LayerCost(name, shape, lo, hi, torch.sort(first).values)
+
+
+def reachable_bits(
+    shapes: list[tuple[int, int]], lo: GridSpec, hi: GridSpec, r_max: float
+) -> tuple[float, float]:
+    """Bounds of the average bits per weight the method can reach, from shapes alone.
+
+    The lower bound is exact (every layer at r = 0); the upper one assumes that
+    every (row, group) pair of the high grid is active at r_max, the most the
+    saliency ranking can cost. The exact range, known after the profile, lies
+    inside; these bounds let a budget outside it fail before any work.
+    """
+    low = high = 0.0
+    for d_out, d_in in shapes:
+        n = d_out * d_in
+        k = n_protected(n, r_max)
+        pairs = min(k, d_out * hi.n_groups(d_in))  # each active pair holds a protected weight
+        low += 8.0 * payload_nbytes(d_out, d_in, lo)
+        high += 8.0 * payload_nbytes(d_out, d_in, lo, hi, k, pairs, cheapest_encoding(k, n))
+    total = sum(o * i for o, i in shapes)
+    return low / total, high / total

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lwq.method.cost import layer_cost
+from lwq.method.cost import layer_cost, reachable_bits
 from lwq.method.saliency import ranking, top_mask
 from lwq.pack.layer import pack_layer
 from lwq.quant.grid import GridSpec
@@ -54,3 +54,17 @@ def test_a_ranking_cut_at_r_max_gives_the_same_costs_and_masks_within_it() -> No
         assert torch.equal(top_mask(full, (48, 256), r), top_mask(cut, (48, 256), r))
     with pytest.raises(ValueError, match="needs 3688 ranked weights, the ranking holds 3687"):
         top_mask(cut, (48, 256), 0.3001)
+
+
+@pytest.mark.parametrize("r_max", [0.001, 0.05, 0.3])
+def test_reachable_bits_bound_the_exact_range(r_max: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(40, 160), (96, 64)]
+    lo, hi = GridSpec(2, 32), GridSpec(4, 32)
+    costs = [layer_cost("l", ranking(torch.rand(s, generator=gen)), s, lo, hi) for s in shapes]
+    n = sum(c.n for c in costs)
+    exact_low = sum(c.bits(0.0) for c in costs) / n
+    exact_high = sum(c.bits(r_max) for c in costs) / n
+    low, high = reachable_bits(shapes, lo, hi, r_max)
+    assert low == pytest.approx(exact_low)
+    assert exact_low < exact_high <= high

@@ -81,10 +81,20 @@ def test_a_calibration_set_too_small_for_the_profile_fails_before_any_work(
     assert not (tmp_path / "q").exists()
 
 
-def test_infeasible_budget_states_the_range_and_writes_nothing(tmp_path: Path) -> None:
+def test_unreachable_budget_fails_before_any_work_and_names_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
-    with pytest.raises(ConfigError, match=r"feasible range is \[2\.\d+, \d\.\d+\]"):
+
+    def no_work(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model was loaded for a budget that cannot be reached")
+
+    monkeypatch.setattr("lwq.quantize.load_model_dir", no_work)
+    with pytest.raises(ConfigError, match=r"method.budget=1.5 is below the 2\.\d+ .*lo_bits"):
         quantize(_cfg(model_dir, tmp_path / "q", 1.5), progress=False)
+    # 2 bits + 0.1 x 2 bits + both grids' scales cannot reach 4.0: the error names the setting.
+    with pytest.raises(ConfigError, match=r"method.budget=4 is above .* raise method.r_max"):
+        quantize(_cfg(model_dir, tmp_path / "q", 4.0, r_max=0.1), progress=False)
     assert not (tmp_path / "q").exists()
     with pytest.raises(ConfigError, match="hi_bits"):
         _cfg(model_dir, tmp_path / "q", 2.5, lo_bits=4, hi_bits=4)
