@@ -86,7 +86,7 @@ def uniform_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
     for method in ("rtn", "gptq"):
         for bits, group in UNIFORM:
             key = f"{method} W{bits} g{group}"
-            if key in done:
+            if key in done or (args.uniform and key not in args.uniform):
                 continue
             out = args.work / key.replace(" ", "-")
             cmd = lwq_cmd("quantize", "--model", str(args.model), "--method", method)
@@ -298,6 +298,11 @@ def main() -> None:
         help="LO/HI/GROUP[/R_MAX] of the method (r_max must reach the budget's mean ratio)",
     )
     ap.add_argument("--variants", nargs="+", default=["lwq", "diagonal", "fixed", "chord", "fp16"])
+    ap.add_argument(
+        "--uniform",
+        nargs="+",
+        help='only these uniform rows, e.g. "gptq W3 g128" (default: all of them)',
+    )
     ap.add_argument("--mode", choices=["parallel", "sequential"], default="sequential")
     ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor)")
     ap.add_argument("--full", action="store_true", help="also the whole WikiText-2 test set")
