@@ -175,7 +175,8 @@ def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressR
     """
     config.check_for("run")
     config = resolve_inputs(config, evaluation=True)
-    if config.model is not None:  # a budget the grids cannot reach fails before any task
+    if config.model is not None and config.quant.method == "lwq":
+        # A budget the method's grids cannot reach fails before any task.
         check_budgets(Path(config.model), config, budgets or [config.method.budget])
     options: dict[str, Any] = {
         "task_runner": task_runner_for(config.pipeline),
