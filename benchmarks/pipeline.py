@@ -48,12 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "zoo"
 
 
-def profile_samples(args: argparse.Namespace) -> int:
-    return int(min(256, args.n_samples * (args.seq_len // 128)))
-
-
 def config(model: str, work: Path, budget: float, args: argparse.Namespace) -> Any:
     from lwq.config import make_config
+    from lwq.method.reverse import profile_capacity
 
     return make_config(
         {
@@ -68,7 +65,10 @@ def config(model: str, work: Path, budget: float, args: argparse.Namespace) -> A
             },
             "quant": {"method": "lwq"},
             # As many profile sequences as the calibration set holds, up to the default.
-            "method": {"budget": budget, "profile_samples": profile_samples(args)},
+            "method": {
+                "budget": budget,
+                "profile_samples": min(256, profile_capacity(args.n_samples, args.seq_len, 128)),
+            },
             "pipeline": {
                 "work_dir": str(work / "flow"),
                 "eval_data": str(ZOO / "data" / "validation.txt"),

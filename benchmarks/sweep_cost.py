@@ -21,12 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "zoo"
 
 
-def profile_samples(args: argparse.Namespace) -> int:
-    return int(min(256, args.n_samples * (args.seq_len // 128)))
-
-
 def config(model: str, out: Path, args: argparse.Namespace) -> Any:
     from lwq.config import make_config
+    from lwq.method.reverse import profile_capacity
 
     return make_config(
         {
@@ -40,7 +37,10 @@ def config(model: str, out: Path, args: argparse.Namespace) -> Any:
             },
             "quant": {"method": "lwq"},
             # As many profile sequences as the calibration set holds, up to the default.
-            "method": {"budget": 2.5, "profile_samples": profile_samples(args)},
+            "method": {
+                "budget": 2.5,
+                "profile_samples": min(256, profile_capacity(args.n_samples, args.seq_len, 128)),
+            },
         }
     )
 

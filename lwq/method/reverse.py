@@ -28,7 +28,6 @@ one layer at a time, and dotted with the probes' errors; nothing of size
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -50,6 +49,11 @@ HEAD_CHUNK = 64  # tokens whose (chunk, vocabulary) logits are formed at once
 PASS_TOKENS = 256
 
 
+def profile_capacity(n_windows: int, window_len: int, seq_len: int) -> int:
+    """How many profile sequences of ``seq_len`` tokens a calibration set holds."""
+    return n_windows * (window_len // seq_len)
+
+
 def profile_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """``samples`` windows of ``seq_len`` tokens cut from calibration windows ``ids`` (n, T).
 
@@ -58,7 +62,7 @@ def profile_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) ->
     """
     n, T = ids.shape
     per = T // seq_len
-    if per == 0 or n * per < samples:
+    if profile_capacity(n, T, seq_len) < samples:
         raise ConfigError(
             f"the profile needs method.profile_samples={samples} windows of "
             f"method.profile_seq_len={seq_len} tokens, but the calibration set "
@@ -249,7 +253,7 @@ def profile_from_samples(
     B = (D[:, :, 0] - D[:, :, 1]) / settings.r_max
     G, shrink = shrink_cross_layer(torch.cat([A, B], dim=1), N)
     mid_sq = D[:, :, 2].square().sum(dim=0) if n_levels > 2 else torch.zeros(N)
-    profile = assemble_profile(
+    return assemble_profile(
         names,
         settings,
         G[:N, :N],
@@ -260,7 +264,5 @@ def profile_from_samples(
         calib_sha256,
         seconds,
         samples=S,
+        shrinkage=shrink,
     )
-    assert profile.probe is not None
-    probe = dataclasses.replace(profile.probe, shrinkage=shrink)
-    return dataclasses.replace(profile, probe=probe)

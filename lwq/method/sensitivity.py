@@ -308,9 +308,11 @@ def assemble_profile(
     calib_sha256: str,
     seconds: float,
     samples: int = 0,
+    shrinkage: float = 0.0,
 ) -> SensitivityProfile:
     """The profile from summed Gram matrices (and damages at r_mid) over ``n_tokens``
-    (``samples`` > 0: a reverse-mode estimate from that many sequences)."""
+    (``samples`` > 0: a reverse-mode estimate from that many sequences, its
+    cross-layer terms shrunk by ``shrinkage``)."""
     r_max, r_mid = settings.r_max, settings.r_mid
     gamma = None
     if r_mid is not None:
@@ -318,7 +320,14 @@ def assemble_profile(
         gamma = curve_exponents(s_mid / r_max, r_mid, r_max)
     estimator = "reverse" if samples else "forward"
     info = ProbeInfo(
-        settings.sketch_dim, r_mid, settings.seed, calib_sha256, seconds, estimator, samples
+        settings.sketch_dim,
+        r_mid,
+        settings.seed,
+        calib_sha256,
+        seconds,
+        estimator,
+        samples,
+        shrinkage,
     )
     return SensitivityProfile(
         tuple(names),

@@ -18,7 +18,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -328,18 +328,7 @@ def allocation_report(
         solver=alloc.solver,
         solve_seconds=alloc.seconds,
         layers=layers,
-        profile=ProfileInfo(
-            r_max=p.r_max,
-            n_tokens=p.n_tokens,
-            sketch_dim=probe.sketch_dim,
-            r_mid=probe.r_mid,
-            seed=probe.seed,
-            calib_sha256=probe.calib_sha256,
-            seconds=probe.seconds,
-            estimator=probe.estimator,
-            samples=probe.samples,
-            shrinkage=probe.shrinkage,
-        ),
+        profile=ProfileInfo(r_max=p.r_max, n_tokens=p.n_tokens, **asdict(probe)),
     )
 
 
