@@ -119,6 +119,8 @@ def lwq_child(spec: dict[str, Any]) -> None:
     method = {"lo_bits": spec["lo"], "hi_bits": spec["hi"], "group_size": spec["group"]}
     if spec.get("r_max") is not None:
         method["r_max"] = spec["r_max"]
+    if spec.get("structure", "weights") != "weights":
+        method["structure"] = spec["structure"]
 
     def config(**extra: Any) -> Any:
         return make_config(
@@ -158,7 +160,8 @@ def lwq_child(spec: dict[str, Any]) -> None:
 
                 lo, hi = state.lo, GridSpec(FLOAT_BITS, state.lo.group_size)
                 costs = tuple(
-                    layer_cost(c.name, state.orders[c.name], c.shape, lo, hi) for c in state.costs
+                    layer_cost(c.name, state.orders[c.name], c.shape, lo, hi, c.structure)
+                    for c in state.costs
                 )
                 s16 = dataclasses.replace(state, hi=hi, costs=costs)
                 plan = MethodPlan(s16, fixed_allocation(s16, FP16_RATIO))
@@ -196,7 +199,8 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
     for config in args.lwq_configs:
         lo, hi, group, *rest = config.split("/")
         r_max = float(rest[0]) if rest else None
-        tag = f"lwq {lo}/{hi} g{group}" + (f" r{r_max:g}" if rest else "") + f" {args.mode}"
+        tag = f"lwq {lo}/{hi} g{group}" + (f" r{r_max:g}" if rest else "")
+        tag += (" columns" if args.structure == "columns" else "") + f" {args.mode}"
         variants = [v for v in args.variants if f"{tag} {v}" not in done]
         if not variants:
             continue
@@ -207,6 +211,7 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             "hi": int(hi),
             "group": int(group),
             "r_max": r_max,
+            "structure": args.structure,
             "mode": args.mode,
             "budgets": args.budgets,
             "variants": variants,
@@ -304,6 +309,12 @@ def main() -> None:
         help='only these uniform rows, e.g. "gptq W3 g128" (default: all of them)',
     )
     ap.add_argument("--mode", choices=["parallel", "sequential"], default="sequential")
+    ap.add_argument(
+        "--structure",
+        choices=["weights", "columns"],
+        default="weights",
+        help="method.structure of the lwq rows: single high-impact weights or whole columns",
+    )
     ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor)")
     ap.add_argument("--full", action="store_true", help="also the whole WikiText-2 test set")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/real"))

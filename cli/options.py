@@ -42,6 +42,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any
             "method.hi_bits": args.hi_bits,
             "method.lo_bits": args.lo_bits,
             "method.r_max": args.r_max,
+            "method.structure": args.structure,
             "method.scoring": args.scoring,
             "method.ties": args.ties,
             "method.hi_refine": args.hi_refine,
@@ -142,6 +143,12 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         help="method.r_max, the largest ratio of a layer (default 0.3); a high-impact "
         "weight costs 7-9 bits beyond lo_bits (code, mask, scales), so 2/4 bits at "
         "r_max 0.3 reach about 3.9 bits per weight",
+    )
+    p.add_argument(
+        "--structure",
+        choices=["weights", "columns"],
+        help="method.structure of the high-impact set: single weights (default) or whole "
+        "input columns, located by one bit per column instead of 5-7 bits per weight",
     )
     p.add_argument(
         "--scoring",

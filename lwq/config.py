@@ -114,6 +114,11 @@ class MethodConfig(_Strict):
         description="high-impact weights by obs (w^2/[H^-1]_kk), act (|w| ||x||) "
         "or fisher (squared gradients, one backward pass per calibration sequence)",
     )
+    structure: Literal["weights", "columns"] = Field(
+        "weights",
+        description="the high-impact set: single weights (located by an Elias-Fano code, "
+        "about log2(1/r)+2 bits each) or whole input columns (one bit per column)",
+    )
     r_max: float = Field(0.3, gt=0, le=1, description="largest ratio; the probe's chord end")
     curve: Literal["power", "chord"] = Field(
         "power",

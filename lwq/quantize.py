@@ -294,7 +294,7 @@ def check_budgets(model_dir: Path, config: LwqConfig, budgets: list[float]) -> N
     model = empty_model(AutoConfig.from_pretrained(model_dir))
     adapter = adapter_for(model)
     shapes = [adapter.shape(module) for _, module in adapter.iter_layers(model)]
-    low, high = reachable_bits(shapes, *m.grids(), m.r_max)
+    low, high = reachable_bits(shapes, *m.grids(), m.r_max, m.structure)
     for b in budgets:
         if b < low:
             raise ConfigError(

@@ -6,6 +6,8 @@ codes and the Elias-Fano mask depend only on the count, and the high grid's
 parameters are paid per (row, group) pair that holds a masked weight, which
 becomes active at the rank of its most salient weight. ``LayerCost`` keeps those
 activation ranks sorted, so the exact cost at any r is one binary search.
+With a high-impact set of whole columns the ranks are those of columns, and a
+group's d_out pairs activate together, at the rank of its first column.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lwq.method.saliency import n_protected
+from lwq.method.saliency import Structure, n_protected, n_units
 from lwq.pack.layer import payload_nbytes
 from lwq.pack.maskcode import cheapest_encoding
 from lwq.quant.grid import GridSpec
@@ -27,13 +29,20 @@ class LayerCost:
     lo: GridSpec
     hi: GridSpec
     activation_ranks: torch.Tensor  # (pairs,) sorted: rank at which each (row, group) activates
+    structure: Structure = "weights"
 
     @property
     def n(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    def n_units(self, ratio: float) -> int:
+        """Ranked units (weights or columns) protected at ``ratio``."""
+        return n_protected(n_units(self.shape, self.structure), ratio)
+
     def n_hi(self, ratio: float) -> int:
-        return n_protected(self.n, ratio)
+        """Weights on the high grid at ``ratio``."""
+        per_unit = self.shape[0] if self.structure == "columns" else 1
+        return self.n_units(ratio) * per_unit
 
     def nbytes(self, ratio: float) -> int:
         """Bytes of the packed layer at ``ratio`` (what ``pack_layer`` writes)."""
@@ -41,8 +50,9 @@ class LayerCost:
         d_out, d_in = self.shape
         if k == 0:
             return payload_nbytes(d_out, d_in, self.lo)
-        active = int(torch.searchsorted(self.activation_ranks, k))  # pairs with rank < k
-        enc = cheapest_encoding(k, self.n)
+        # pairs whose first protected unit ranks below the count protected
+        active = int(torch.searchsorted(self.activation_ranks, self.n_units(ratio)))
+        enc = cheapest_encoding(k, self.shape, self.structure == "columns")
         return payload_nbytes(d_out, d_in, self.lo, self.hi, k, active, enc)
 
     def bits(self, ratio: float) -> float:
@@ -57,18 +67,29 @@ class LayerCost:
 
 
 def layer_cost(
-    name: str, order: torch.Tensor, shape: tuple[int, int], lo: GridSpec, hi: GridSpec
+    name: str,
+    order: torch.Tensor,
+    shape: tuple[int, int],
+    lo: GridSpec,
+    hi: GridSpec,
+    structure: Structure = "weights",
 ) -> LayerCost:
-    """Cost curve of a layer from its saliency ``ranking`` (flat row-major order).
+    """Cost curve of a layer from its saliency ``ranking`` (of weights or of columns).
 
-    The ranking may be cut short (the top r_max of the weights): a (row, group)
+    The ranking may be cut short (the top r_max of the units): a (row, group)
     pair none of whose weights is in it never activates within the range.
     """
     d_out, d_in = shape
-    n = d_out * d_in
-    rank = torch.full((n,), n, dtype=torch.int64)
+    units = n_units(shape, structure)
+    rank = torch.full((units,), units, dtype=torch.int64)
     rank[order.long()] = torch.arange(order.numel())
     g = hi.group_len(d_in)
+    if structure == "columns":
+        first = torch.full((hi.n_groups(d_in),), units, dtype=torch.int64)
+        first.scatter_reduce_(0, torch.arange(d_in) // g, rank, reduce="amin")
+        ranks = torch.sort(first.repeat_interleave(d_out)).values
+        return LayerCost(name, shape, lo, hi, ranks, structure)
+    n = units
     cols = torch.arange(d_in).repeat(d_out)
     rows = torch.arange(d_out).repeat_interleave(d_in)
     pair = rows * hi.n_groups(d_in) + cols // g  # (n,) the (row, group) of each weight
@@ -78,7 +99,11 @@ def layer_cost(
 
 
 def reachable_bits(
-    shapes: list[tuple[int, int]], lo: GridSpec, hi: GridSpec, r_max: float
+    shapes: list[tuple[int, int]],
+    lo: GridSpec,
+    hi: GridSpec,
+    r_max: float,
+    structure: Structure = "weights",
 ) -> tuple[float, float]:
     """Bounds of the average bits per weight the method can reach, from shapes alone.
 
@@ -89,10 +114,11 @@ def reachable_bits(
     """
     low = high = 0.0
     for d_out, d_in in shapes:
-        n = d_out * d_in
-        k = n_protected(n, r_max)
+        per_unit = d_out if structure == "columns" else 1
+        k = n_protected(n_units((d_out, d_in), structure), r_max) * per_unit
         pairs = min(k, d_out * hi.n_groups(d_in))  # each active pair holds a protected weight
+        enc = cheapest_encoding(k, (d_out, d_in), structure == "columns")
         low += 8.0 * payload_nbytes(d_out, d_in, lo)
-        high += 8.0 * payload_nbytes(d_out, d_in, lo, hi, k, pairs, cheapest_encoding(k, n))
+        high += 8.0 * payload_nbytes(d_out, d_in, lo, hi, k, pairs, enc)
     total = sum(o * i for o, i in shapes)
     return low / total, high / total

@@ -57,7 +57,7 @@ HEADER_ALLOWANCE_BYTES = 160
 # Below this many calibration sequences the profile's rank correlation with the
 # measured KL degrades visibly (benchmarks/method.py runs 128).
 MIN_PROFILE_SEQUENCES = 32
-STATE_VERSION = 2
+STATE_VERSION = 3
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 TieGroups = tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]
 
@@ -87,7 +87,8 @@ class MethodState:
 
     def job(self, name: str, ratio: float) -> LayerJob:
         cost = self.costs[self.names.index(name)]
-        return job_at_ratio(name, self.orders[name], cost.shape, ratio, self.lo, self.hi)
+        order = self.orders[name]
+        return job_at_ratio(name, order, cost.shape, ratio, self.lo, self.hi, cost.structure)
 
 
 class HessianStore:
@@ -210,12 +211,13 @@ def prepare(
             W = adapter.read_weight(mod)  # (d_out, d_in)
             H = step.hessians[name]
             scores = saliency(W, H, m.scoring, fisher.get(name), damp=config.gptq.damp, name=name)
-            orders[name] = ranking(scores, keep=m.r_max)  # the top r_max is all a ratio uses
+            # the top r_max is all a ratio uses
+            orders[name] = ranking(scores, keep=m.r_max, structure=m.structure)
             shape = (int(W.shape[0]), int(W.shape[1]))
-            costs.append(layer_cost(name, orders[name], shape, lo, hi))
+            costs.append(layer_cost(name, orders[name], shape, lo, hi, m.structure))
             seconds["saliency"] += time.perf_counter() - t
             t = time.perf_counter()
-            jobs = [job_at_ratio(name, orders[name], shape, r, lo, hi) for r in levels]
+            jobs = [job_at_ratio(name, orders[name], shape, r, lo, hi, m.structure) for r in levels]
             probes.put(
                 name,
                 [
@@ -352,6 +354,7 @@ def save_state(state: MethodState, directory: Path) -> Path:
         "shapes": [list(c.shape) for c in state.costs],
         "lo": grid_meta(state.lo).model_dump(),
         "hi": grid_meta(state.hi).model_dump(),
+        "structure": state.costs[0].structure if state.costs else "weights",
         "n_blocks": state.n_blocks,
         "seconds": state.seconds,
         "tie_groups": [[mode, [list(g) for g in groups]] for mode, groups in state.tie_groups],
@@ -380,7 +383,7 @@ def load_state(directory: Path, expect_code: str | None = None) -> MethodState:
     lo = grid_from_meta(GridMeta.model_validate(doc["lo"]))
     hi = grid_from_meta(GridMeta.model_validate(doc["hi"]))
     costs = tuple(
-        LayerCost(name, (int(s[0]), int(s[1])), lo, hi, tensors[f"ranks.{i}"])
+        LayerCost(name, (int(s[0]), int(s[1])), lo, hi, tensors[f"ranks.{i}"], doc["structure"])
         for i, (name, s) in enumerate(zip(names, doc["shapes"], strict=True))
     )
     prof = doc["profile"]

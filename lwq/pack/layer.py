@@ -8,9 +8,11 @@ codes_hi       b_hi-bit codes of the masked (high-impact) weights, row-major;
                with a float16 high grid, their float16 values
 scales         float16 scale per (row, group) of the low grid
 zeros          b_lo-bit zero point per (row, group); absent when symmetric
-mask...        the high-impact map: 1 bit per weight (``bitmap``) or the
+mask...        the high-impact map: 1 bit per weight (``bitmap``), the
                Elias-Fano code of its positions (``elias_fano``, sections
-               mask_low and mask_high); see ``lwq.pack.maskcode``
+               mask_low and mask_high), or 1 bit per input column for a mask
+               of whole columns (``columns``, section mask_cols); see
+               ``lwq.pack.maskcode``
 hi_scales      float16 scale of the high grid, only for the (row, group)
                pairs that hold at least one masked weight
 hi_zeros       b_hi-bit zero points of those pairs; absent when symmetric
@@ -34,7 +36,13 @@ import torch
 from lwq.errors import ChecksumError
 from lwq.pack.bits import pack_bits, packed_nbytes, unpack_bits
 from lwq.pack.manifest import FORMAT_VERSION, GridMeta, LayerEntry
-from lwq.pack.maskcode import cheapest_encoding, decode_mask, encode_mask, mask_nbytes
+from lwq.pack.maskcode import (
+    cheapest_encoding,
+    decode_mask,
+    encode_mask,
+    is_column_mask,
+    mask_nbytes,
+)
 from lwq.quant.grid import GridSpec
 from lwq.quant.types import QuantizedWeight
 
@@ -55,9 +63,9 @@ def payload_nbytes(
     if not lo.symmetric:
         total += packed_nbytes(n_groups, lo.bits)
     if hi is not None and hi.is_float:
-        total += 2 * n_hi + mask_nbytes(mask_encoding, n_hi, n)
+        total += 2 * n_hi + mask_nbytes(mask_encoding, n_hi, (d_out, d_in))
     elif hi is not None:
-        total += packed_nbytes(n_hi, hi.bits) + mask_nbytes(mask_encoding, n_hi, n)
+        total += packed_nbytes(n_hi, hi.bits) + mask_nbytes(mask_encoding, n_hi, (d_out, d_in))
         total += 2 * n_hi_groups
         if not hi.symmetric:
             total += packed_nbytes(n_hi_groups, hi.bits)
@@ -189,7 +197,7 @@ def pack_layer(name: str, qw: QuantizedWeight, mask_encoding: str = "auto") -> P
         n_hi = int(mask.sum())
         encoding = mask_encoding
         if encoding == "auto":
-            encoding = cheapest_encoding(n_hi, mask.numel())
+            encoding = cheapest_encoding(n_hi, (d_out, d_in), is_column_mask(mask))
         parts.extend(encode_mask(mask, encoding))
     if qw.mask is not None and qw.hi_values is None:
         assert hi is not None and qw.hi_scales is not None and qw.hi_zeros is not None

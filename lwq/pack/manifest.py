@@ -39,7 +39,7 @@ class LayerEntry(_Frozen):
     hi: GridMeta | None
     n_hi: int = Field(ge=0)
     n_hi_groups: int = Field(ge=0)
-    mask_encoding: Literal["bitmap", "elias_fano"] | None
+    mask_encoding: Literal["bitmap", "elias_fano", "columns"] | None
     sections: dict[str, tuple[int, int]]  # name -> (offset, length) inside the layer
     nbytes: int = Field(ge=0)
     file: str

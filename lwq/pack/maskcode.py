@@ -9,6 +9,9 @@ bit vector with a one at (p_i >> L) + i. Its size, m L + m + (U - 1 >> L) + 1
 bits (two byte-aligned parts), depends only on (m, U): about log2(1/r) + 2 bits
 per masked weight, an exact closed form that the cost model uses as it is.
 Both directions are vectorised.
+
+``columns``: one bit per input column, for a mask made of whole columns
+(``method.structure=columns``): d_in bits for the layer, whatever the ratio.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from lwq.pack.bits import pack_bits, packed_nbytes, unpack_bits
 
-ENCODINGS = ("bitmap", "elias_fano")
+ENCODINGS = ("bitmap", "elias_fano", "columns")
 
 
 def ef_low_bits(m: int, universe: int) -> int:
@@ -34,16 +37,27 @@ def ef_nbytes(m: int, universe: int) -> tuple[int, int]:
     return packed_nbytes(m * low, 1), packed_nbytes(high_len, 1)
 
 
-def mask_nbytes(encoding: str, m: int, universe: int) -> int:
+def mask_nbytes(encoding: str, m: int, shape: tuple[int, int]) -> int:
+    """Bytes of a mask of ``m`` weights of a (d_out, d_in) layer under ``encoding``."""
+    universe = shape[0] * shape[1]
     if encoding == "bitmap":
         return packed_nbytes(universe, 1)
     if encoding == "elias_fano":
         return sum(ef_nbytes(m, universe))
+    if encoding == "columns":
+        return packed_nbytes(shape[1], 1)
     raise ValueError(f"unknown mask encoding {encoding!r}; known: {ENCODINGS}")
 
 
-def cheapest_encoding(m: int, universe: int) -> str:
-    return min(ENCODINGS, key=lambda e: mask_nbytes(e, m, universe))
+def cheapest_encoding(m: int, shape: tuple[int, int], columns: bool = False) -> str:
+    """The smallest encoding of the mask; ``columns`` says it is made of whole columns."""
+    usable = ENCODINGS if columns else tuple(e for e in ENCODINGS if e != "columns")
+    return min(usable, key=lambda e: mask_nbytes(e, m, shape))
+
+
+def is_column_mask(mask: torch.Tensor) -> bool:
+    """Is every input column of the (d_out, d_in) mask all in or all out?"""
+    return bool((mask.all(dim=0) | ~mask.any(dim=0)).all())
 
 
 def ef_encode(positions: torch.Tensor, universe: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +96,10 @@ def encode_mask(mask: torch.Tensor, encoding: str) -> list[tuple[str, torch.Tens
     if encoding == "elias_fano":
         low, high = ef_encode(torch.nonzero(flat).reshape(-1), flat.numel())
         return [("mask_low", low), ("mask_high", high)]
+    if encoding == "columns":
+        if not is_column_mask(mask):
+            raise ValueError("mask encoding 'columns' needs a mask of whole input columns")
+        return [("mask_cols", pack_bits(mask.any(dim=0), 1))]
     raise ValueError(f"unknown mask encoding {encoding!r}; known: {ENCODINGS}")
 
 
@@ -96,4 +114,9 @@ def decode_mask(
         mask = torch.zeros(n, dtype=torch.bool)
         mask[pos] = True
         return mask.view(shape)
+    if encoding == "columns":
+        cols = unpack_bits(sections["mask_cols"], 1, shape[1]).bool()
+        if int(cols.sum()) * shape[0] != m:
+            raise ValueError(f"a column mask of {int(cols.sum())} columns cannot hold {m} weights")
+        return cols[None, :].expand(shape).contiguous()
     raise ValueError(f"unknown mask encoding {encoding!r}; known: {ENCODINGS}")

@@ -82,11 +82,15 @@ def gptq_quantize(
     hi: GridSpec | None = None,
     name: str = "layer",
     hi_grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+    column_order: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``W`` (d_out, d_in) given its input Hessian ``H`` (d_in, d_in).
 
     ``hi_grid`` fixes the high grid's (scales, zeros), each (d_out, n_groups),
     e.g. from learned clipping (``lwq.quant.lwc``); by default it is min-max.
+    ``column_order`` is the order in which the columns are quantized (a
+    permutation of range(d_in); it overrides ``settings.act_order``); the
+    grids are then fitted up front, as with act_order.
     """
     assert W.dim() == 2 and H.shape == (W.shape[1], W.shape[1]), (W.shape, H.shape)
     assert (mask is None) == (hi is None), "mask and hi grid go together"
@@ -120,7 +124,7 @@ def gptq_quantize(
             else:
                 hi_scales[:, grp], hi_zeros[:, grp] = grid_params(w, hi, m)
 
-    static = settings.static_groups or settings.act_order
+    static = settings.static_groups or settings.act_order or column_order is not None
     if static:
         # With columns out of order a group's weights are not contiguous in
         # time, so its grid is fitted once, before any update.
@@ -128,8 +132,12 @@ def gptq_quantize(
             sl = slice(grp * g, (grp + 1) * g)
             fit_group(grp, W[:, sl], None if mask is None else mask[:, sl])
     perm: torch.Tensor | None = None
-    if settings.act_order:
+    if column_order is not None:
+        assert torch.equal(torch.sort(column_order).values, torch.arange(d_in)), "a permutation"
+        perm = column_order.to(W.device)
+    elif settings.act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
+    if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     m_all = None if mask is None else (mask[:, perm] if perm is not None else mask)
     order = perm if perm is not None else torch.arange(d_in, device=W.device)

@@ -27,9 +27,22 @@ class LayerJob:
     lo: GridSpec
     hi: GridSpec | None = None
     mask: torch.Tensor | None = None  # (d_out, d_in) bool: True -> the hi grid
+    # GPTQ quantizes the low columns first and the high ones last, so that the
+    # finer grid absorbs the coarse one's error (a mask of whole columns only)
+    hi_last: bool = False
 
     def __post_init__(self) -> None:
         assert (self.mask is None) == (self.hi is None), "a mask needs its hi grid"
+        if self.hi_last and self.mask is not None:
+            cols = self.mask.all(dim=0)
+            assert torch.equal(self.mask, cols.expand_as(self.mask)), "hi_last: whole columns"
+
+    def column_order(self) -> torch.Tensor | None:
+        """GPTQ's column order: None (left to right) or low columns, then high ones."""
+        if not self.hi_last or self.mask is None:
+            return None
+        cols = self.mask.all(dim=0)
+        return torch.cat([torch.nonzero(~cols).flatten(), torch.nonzero(cols).flatten()])
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,17 @@ def quantize_layer(
         hi_grid = None
         if lwc is not None and mask is not None and hi is not None and not hi.is_float:
             hi_grid = learn_clipping(W, H, mask, hi, lwc)
-        res = gptq_quantize(W, H, job.lo, gptq, mask=mask, hi=hi, name=job.name, hi_grid=hi_grid)
+        res = gptq_quantize(
+            W,
+            H,
+            job.lo,
+            gptq,
+            mask=mask,
+            hi=hi,
+            name=job.name,
+            hi_grid=hi_grid,
+            column_order=job.column_order() if mask is not None else None,
+        )
         qw, loss = res.weight, res.loss
     error = None
     if measure_error and H is not None:

@@ -145,6 +145,21 @@ def test_float16_high_impact_weights_and_lwc_end_to_end(tmp_path: Path) -> None:
         _cfg(model_dir, tmp_path / "c", 2.6, hi_bits=5)
 
 
+def test_column_structured_high_impact_set_end_to_end(tmp_path: Path) -> None:
+    """method.structure=columns: whole input columns on the high grid, a column map
+    in the file, the budget met from bytes, and the same model after reloading."""
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    report = quantize(_cfg(model_dir, tmp_path / "q", 2.7, structure="columns"), progress=False)
+    m = report.manifest
+    assert abs(m.bits.from_bytes - 2.7) <= 0.02
+    masked = {k: v for k, v in m.layers.items() if v.n_hi > 0}
+    assert masked and all(v.mask_encoding == "columns" for v in masked.values())
+    for v in masked.values():
+        assert v.n_hi % v.shape[0] == 0  # whole columns
+    model, _, _ = load_quantized(report.out)
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_layer_by_layer_checkpoint_equals_the_parallel_pass(family: str, tmp_path: Path) -> None:
     """What a flow does (state and Hessians saved, layers quantized one by one from
@@ -227,6 +242,15 @@ def test_a_state_of_other_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LwqError, match="computed by other code"):
         load_state(tmp_path, expect_code="def")
     assert load_state(tmp_path, expect_code="abc").code_version == "abc"
+    # a state of whole columns stays one: its jobs protect columns after a reload
+    cols = layer_cost(name, torch.arange(32), (2, 32), lo, hi, "columns")
+    state = MethodState((name,), {name: torch.arange(32)}, (cols,), state.profile, lo, hi, 1, {})
+    save_state(state, tmp_path / "cols")
+    back = load_state(tmp_path / "cols")
+    assert back.costs[0].structure == "columns"
+    assert torch.equal(back.costs[0].activation_ranks, cols.activation_ranks)
+    mask = back.job(name, 0.25).mask
+    assert mask is not None and mask[:, :8].all() and not mask[:, 8:].any()
 
 
 def test_largest_layers_are_quantized_first() -> None:

@@ -167,3 +167,33 @@ def test_float16_high_grid_keeps_outliers_exact(method: str, act_order: bool) ->
     assert torch.equal(deq[mask], qw.hi_values[mask])
     assert torch.equal(deq[mask].half().float(), deq[mask])  # float16-exact
     assert _out_err(W, deq, X) < _out_err(W, rtn_quantize(W, lo).dequantize(), X)
+
+
+def test_high_columns_last_lets_the_fine_grid_absorb_the_coarse_error() -> None:
+    """A mask of whole columns, quantized 2-bit columns first, 4-bit ones last:
+    the codes stay in place (packing needs no order), every weight is on the
+    grid its mask names, and the output error drops against left to right."""
+    from lwq.pack.layer import pack_layer, unpack_layer
+    from lwq.quant.layer import LayerJob, quantize_layer
+
+    X = _correlated_inputs(128, spread=2.0)
+    H = _hessian(X)
+    W = torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(32, 128, dtype=torch.bool)
+    mask[:, torch.randperm(128, generator=torch.Generator().manual_seed(4))[:40]] = True
+    lo, hi = GridSpec(2, 64), GridSpec(4, 64)
+    natural = LayerJob("l", lo, hi, mask)
+    last = LayerJob("l", lo, hi, mask, hi_last=True)
+    order = last.column_order()
+    assert order is not None and bool(mask[0, order[-40:]].all()) and natural.column_order() is None
+    a = quantize_layer(W, H, natural, GPTQSettings()).weight
+    b = quantize_layer(W, H, last, GPTQSettings()).weight
+    assert int(b.codes[~mask].max()) <= lo.maxq and int(b.codes[mask].max()) <= hi.maxq
+    assert torch.equal(unpack_layer(pack_layer("l", b)).dequantize(), b.dequantize())
+    assert _out_err(W, b.dequantize(), X) < 0.9 * _out_err(W, a.dequantize(), X)
+    # the identity order is left to right with the grids fitted up front
+    same = gptq_quantize(W, H, lo, mask=mask, hi=hi, column_order=torch.arange(128)).weight
+    static = gptq_quantize(W, H, lo, GPTQSettings(static_groups=True), mask=mask, hi=hi)
+    assert torch.equal(same.dequantize(), static.weight.dequantize())
+    with pytest.raises(AssertionError, match="whole columns"):
+        LayerJob("l", lo, hi, torch.eye(32, 128, dtype=torch.bool), hi_last=True)
