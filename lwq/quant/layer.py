@@ -37,12 +37,16 @@ class LayerJob:
             cols = self.mask.all(dim=0)
             assert torch.equal(self.mask, cols.expand_as(self.mask)), "hi_last: whole columns"
 
-    def column_order(self) -> torch.Tensor | None:
-        """GPTQ's column order: None (left to right) or low columns, then high ones."""
+    def column_order(self, priority: torch.Tensor | None = None) -> torch.Tensor | None:
+        """GPTQ's column order: None (as GPTQ's settings say) or low columns, then
+        high ones, each part left to right or by decreasing ``priority`` (d_in,)."""
         if not self.hi_last or self.mask is None:
             return None
         cols = self.mask.all(dim=0)
-        return torch.cat([torch.nonzero(~cols).flatten(), torch.nonzero(cols).flatten()])
+        parts = [torch.nonzero(~cols).flatten(), torch.nonzero(cols).flatten()]
+        if priority is not None:
+            parts = [p[torch.argsort(priority[p], descending=True, stable=True)] for p in parts]
+        return torch.cat(parts)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,9 @@ def quantize_layer(
             hi=hi,
             name=job.name,
             hi_grid=hi_grid,
-            column_order=job.column_order() if mask is not None else None,
+            column_order=None
+            if mask is None
+            else job.column_order(H.diagonal() if gptq.act_order else None),
         )
         qw, loss = res.weight, res.loss
     error = None
