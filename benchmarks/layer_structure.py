@@ -7,12 +7,13 @@ largest ratio whose exact packed bytes fit) with 2-bit and 4-bit grids, group
 128, and the error tr(dW H dW^T) / tr(W H W^T) is measured for:
 
   weights          the top single weights by saliency (obs), Elias-Fano mask
+  ..., act order   (here and below) GPTQ's columns by decreasing Hessian diagonal
   columns          the top input columns by summed saliency, column map
   columns, static  the same columns left to right, every group's grids fitted
                    up front (as the next variant must)
   columns, hi last the same columns, GPTQ quantizing the 2-bit columns first
                    so that the 4-bit columns absorb their error
-  ..., act order   and each part by decreasing Hessian diagonal (gptq.act_order)
+  ..., act order   each part by decreasing Hessian diagonal (gptq.act_order)
 
 against uniform GPTQ W2 and W3 (group 128) as reference. It prints the median
 over layers (and the ratio each gets), and saves the table as JSON.
@@ -85,6 +86,8 @@ def layer_rows(name: str, W: torch.Tensor, H: torch.Tensor, budgets: list[float]
             r = ratio_for(cost, b)
             job = job_at_ratio(name, order, shape, r, LO, HI, s)
             variants = [(structure, dataclasses.replace(job, hi_last=False), gptq)]
+            if structure == "weights":
+                variants.append(("weights, act order", job, act))
             if structure == "columns" and job.mask is not None:
                 variants.append(("columns, static", variants[0][1], static))
                 last = LayerJob(name, LO, HI, job.mask, True)
