@@ -134,6 +134,7 @@ def lwq_child(spec: dict[str, Any]) -> None:
                     "mode": spec["mode"],
                 },
                 "quant": {"method": "lwq"},
+                "gptq": {"act_order": bool(spec.get("act_order", False))},
                 "method": {**method, **extra},
             }
         )
@@ -200,7 +201,8 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
         lo, hi, group, *rest = config.split("/")
         r_max = float(rest[0]) if rest else None
         tag = f"lwq {lo}/{hi} g{group}" + (f" r{r_max:g}" if rest else "")
-        tag += (" columns" if args.structure == "columns" else "") + f" {args.mode}"
+        tag += " columns" if args.structure == "columns" else ""
+        tag += (" act-order" if args.act_order else "") + f" {args.mode}"
         variants = [v for v in args.variants if f"{tag} {v}" not in done]
         if not variants:
             continue
@@ -212,6 +214,7 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             "group": int(group),
             "r_max": r_max,
             "structure": args.structure,
+            "act_order": args.act_order,
             "mode": args.mode,
             "budgets": args.budgets,
             "variants": variants,
@@ -315,6 +318,7 @@ def main() -> None:
         default="weights",
         help="method.structure of the lwq rows: single high-impact weights or whole columns",
     )
+    ap.add_argument("--act-order", action="store_true", help="gptq.act_order for the lwq rows")
     ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor)")
     ap.add_argument("--full", action="store_true", help="also the whole WikiText-2 test set")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/real"))
