@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lwq.pack.maskcode import is_column_mask
 from lwq.quant.gptq import GPTQSettings, gptq_quantize
 from lwq.quant.grid import GridSpec
 from lwq.quant.lwc import LWCSettings, learn_clipping
@@ -34,8 +35,7 @@ class LayerJob:
     def __post_init__(self) -> None:
         assert (self.mask is None) == (self.hi is None), "a mask needs its hi grid"
         if self.hi_last and self.mask is not None:
-            cols = self.mask.all(dim=0)
-            assert torch.equal(self.mask, cols.expand_as(self.mask)), "hi_last: whole columns"
+            assert is_column_mask(self.mask), "hi_last: whole columns"
 
     def column_order(self, priority: torch.Tensor | None = None) -> torch.Tensor | None:
         """GPTQ's column order: None (as GPTQ's settings say) or low columns, then
