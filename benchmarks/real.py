@@ -86,12 +86,14 @@ def uniform_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
     for method in ("rtn", "gptq"):
         for bits, group in UNIFORM:
             key = f"{method} W{bits} g{group}"
+            key += " act-order" if method == "gptq" and args.act_order else ""
             if key in done or (args.uniform and key not in args.uniform):
                 continue
             out = args.work / key.replace(" ", "-")
             cmd = lwq_cmd("quantize", "--model", str(args.model), "--method", method)
             cmd += ["--bits", str(bits), "--group-size", str(group), "--out", str(out)]
             cmd += ["--overwrite", "-q"] + ([] if method == "rtn" else CALIB_ARGS)
+            cmd += [] if method == "rtn" else ["--act-order" if args.act_order else "--no-act-order"]
             run = run_child(cmd)
             yield (
                 key,
@@ -318,7 +320,12 @@ def main() -> None:
         default="weights",
         help="method.structure of the lwq rows: single high-impact weights or whole columns",
     )
-    ap.add_argument("--act-order", action="store_true", help="gptq.act_order for the lwq rows")
+    ap.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gptq.act_order of the GPTQ and lwq rows (default on, as in lwq)",
+    )
     ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor)")
     ap.add_argument("--full", action="store_true", help="also the whole WikiText-2 test set")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/real"))

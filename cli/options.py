@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any
             "method.profile_seq_len": args.profile_seq_len,
             ("method.group_size" if method == "lwq" else "quant.group_size"): args.group_size,
             "quant.symmetric": True if getattr(args, "symmetric", False) else None,
-            "gptq.act_order": True if args.act_order else None,
+            "gptq.act_order": args.act_order,
             "gptq.damp": args.damp,
         },
     )
@@ -127,7 +127,13 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument(
             "--mode", choices=["parallel", "sequential"], help="calib.mode (default sequential)"
         )
-    p.add_argument("--act-order", action="store_true", help="gptq.act_order")
+    p.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gptq.act_order: GPTQ's columns by decreasing Hessian diagonal, grids fitted "
+        "up front (default on)",
+    )
     p.add_argument("--damp", type=float, help="gptq.damp (default 0.01)")
     p.add_argument("--device", help="device (default cpu)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

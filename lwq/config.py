@@ -93,7 +93,9 @@ class QuantConfig(_Strict):
 class GPTQConfig(_Strict):
     block_size: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0.0, lt=1.0, description="dampening, fraction of mean diag(H)")
-    act_order: bool = False
+    act_order: bool = Field(
+        True, description="GPTQ columns by decreasing Hessian diagonal, grids fitted up front"
+    )
     static_groups: bool = False
 
     def settings(self) -> GPTQSettings:
