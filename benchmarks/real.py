@@ -93,7 +93,8 @@ def uniform_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             cmd = lwq_cmd("quantize", "--model", str(args.model), "--method", method)
             cmd += ["--bits", str(bits), "--group-size", str(group), "--out", str(out)]
             cmd += ["--overwrite", "-q"] + ([] if method == "rtn" else CALIB_ARGS)
-            cmd += [] if method == "rtn" else ["--act-order" if args.act_order else "--no-act-order"]
+            if method == "gptq":
+                cmd.append("--act-order" if args.act_order else "--no-act-order")
             run = run_child(cmd)
             yield (
                 key,
