@@ -250,6 +250,7 @@ def peer_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
     for tool, settings in PEERS.items():
         for bits, group in settings:
             key = f"{tool} W{bits} g{group}"
+            key += " act-order" if tool == "llm-compressor" and args.act_order else ""
             if key in done:
                 continue
             cmd = [args.peer_python, str(REPO / "benchmarks" / "peers" / scripts[tool])]
@@ -257,6 +258,7 @@ def peer_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             cmd += ["--eval", "real"] + (["--full"] if args.full else [])
             if tool == "llm-compressor":
                 cmd += ["--n-samples", "64", "--seq-len", "512"]
+                cmd += ["--actorder", "static" if args.act_order else "none"]
             try:
                 run = run_child(cmd, env={"PYTHONPATH": str(REPO)})
             except RuntimeError as err:

@@ -50,7 +50,15 @@ def main() -> None:
         help="zoo: validation slice, WikiText-2, KL; real: benchmarks/real.py's protocol",
     )
     ap.add_argument("--full", action="store_true", help="real: also the whole WikiText-2 test")
+    ap.add_argument(
+        "--actorder",
+        choices=["none", "static"],
+        default="none",
+        help="GPTQ's activation order (static: columns by decreasing Hessian diagonal, "
+        "grids fitted up front, as lwq's act order); none for the parity check",
+    )
     args = ap.parse_args()
+    actorder = None if args.actorder == "none" else args.actorder
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -68,13 +76,13 @@ def main() -> None:
             "symmetric": args.symmetric,
             "strategy": "group",
             "group_size": args.group_size,
-            "actorder": None,
+            "actorder": actorder,
         },
     }
     modifier = GPTQModifier(
         config_groups={"group_0": scheme},
         ignore=["lm_head"],
-        actorder=None,
+        actorder=actorder,
         dampening_frac=0.01,
         block_size=128,
     )
@@ -95,6 +103,7 @@ def main() -> None:
         "bits": args.bits,
         "group_size": args.group_size,
         "symmetric": args.symmetric,
+        "actorder": args.actorder,
         "calib_sha256": calib.sha256,
         "conv1d_converted": converted,
         "seconds": seconds,
