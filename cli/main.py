@@ -118,7 +118,7 @@ def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ratios = [x.ratio for x in a.layers]
         print(
             f"{len(ratios)} layers quantized (lwq, {config.method.hi_bits}/"
-            f"{config.method.lo_bits}-bit, objective {a.objective}) in {report.seconds:.1f} s; "
+            f"{config.method.base_bits()}-bit, objective {a.objective}) in {report.seconds:.1f} s; "
             f"ratios {min(ratios):.2%}..{max(ratios):.2%}, predicted KL {a.predicted_kl:.4f}"
         )
     else:

@@ -142,7 +142,12 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         type=int,
         help="method.hi_bits of the high-impact weights (default 4; 16 = float16 values)",
     )
-    p.add_argument("--lo-bits", type=int, help="method.lo_bits of the other weights (default 2)")
+    p.add_argument(
+        "--lo-bits",
+        type=int,
+        help="method.lo_bits of the other weights (default: from the budget, 3 from 3.25 "
+        "bits at group 128, else 2)",
+    )
     p.add_argument(
         "--r-max",
         type=float,

@@ -152,9 +152,17 @@ def _compress_budget(
     return CompressResult(budget, ckpt, uri, report, registered, seconds, flow_run_id, cache)
 
 
+def _with_base(config: LwqConfig, budgets: list[float]) -> LwqConfig:
+    """An unset method.lo_bits fixed for ``budgets``, so the caches' keys name the base."""
+    if config.quant.method != "lwq":
+        return config
+    return config.model_copy(update={"method": config.method.for_budgets(budgets)})
+
+
 @flow(name="lwq-compress", validate_parameters=False)
 def compress(config: LwqConfig) -> CompressResult:
     """One model, one budget (``method.budget``)."""
+    config = _with_base(config, [config.method.budget])
     fp = fingerprint(config)
     return _compress_budget(config, config.method.budget, fp, _prepare(config, fp))
 
@@ -162,6 +170,7 @@ def compress(config: LwqConfig) -> CompressResult:
 @flow(name="lwq-sweep", validate_parameters=False)
 def sweep(config: LwqConfig, budgets: list[float]) -> list[CompressResult]:
     """One model, several budgets: calibration and sensitivity computed once."""
+    config = _with_base(config, budgets)
     fp = fingerprint(config)
     prep = _prepare(config, fp)
     return [_compress_budget(config, b, fp, prep) for b in budgets]
@@ -177,7 +186,7 @@ def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressR
     config = resolve_inputs(config, evaluation=True)
     if config.model is not None and config.quant.method == "lwq":
         # A budget the method's grids cannot reach fails before any task.
-        check_budgets(Path(config.model), config, budgets or [config.method.budget])
+        config = check_budgets(Path(config.model), config, budgets or [config.method.budget])
     options: dict[str, Any] = {
         "task_runner": task_runner_for(config.pipeline),
         # Task results (and so the caches) live with the rest of the work.

@@ -102,11 +102,28 @@ class GPTQConfig(_Strict):
         return GPTQSettings(self.block_size, self.damp, self.act_order, self.static_groups)
 
 
+# The bases method.lo_bits chooses from when unset, and the bits per weight a
+# wider base must leave under the budget for high-impact weights.
+BASES = (2, 3)
+BASE_ROOM = 0.1
+
+
+def grid_bits(bits: int, group_size: int) -> float:
+    """Bits per weight of a uniform asymmetric grid: codes, a float16 scale and a
+    ``bits``-bit zero per group (group_size -1: one group per row, taken as none)."""
+    return bits + ((16 + bits) / group_size if group_size > 0 else 0.0)
+
+
 class MethodConfig(_Strict):
     """Settings of --method lwq (arXiv:2511.17801 as implemented: docs/method.md)."""
 
     budget: float = Field(2.5, gt=0, description="average bits per quantized weight, from bytes")
-    lo_bits: int = Field(2, description="bits of the bulk of the weights")
+    lo_bits: int | None = Field(
+        None,
+        description="bits of the bulk of the weights; unset: chosen from the budget (3 when "
+        f"it exceeds a uniform 3-bit grid's cost by {BASE_ROOM} bits or more, 3.25 at group "
+        "128, else 2; see docs/method.md)",
+    )
     hi_bits: int = Field(
         4, description="bits of the high-impact weights (16: float16 values, dense-and-sparse)"
     )
@@ -163,8 +180,8 @@ class MethodConfig(_Strict):
 
     @field_validator("lo_bits")
     @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
+    def _bits(cls, v: int | None) -> int | None:
+        if v is not None and v not in SUPPORTED_BITS:
             raise ValueError(f"must be one of {SUPPORTED_BITS}")
         return v
 
@@ -178,7 +195,12 @@ class MethodConfig(_Strict):
     def model_post_init(self, _context: Any) -> None:
         if self.curve == "power" and not self.r_mid < self.r_max:
             raise ValueError(f"method.r_mid={self.r_mid} must be below method.r_max={self.r_max}")
-        if self.hi_bits <= self.lo_bits:
+        if self.lo_bits is None and self.hi_bits <= BASES[0]:
+            raise ValueError(
+                f"method.hi_bits={self.hi_bits} must exceed the {BASES[0]} bits of the "
+                "narrowest base (method.lo_bits unset)"
+            )
+        if self.lo_bits is not None and self.hi_bits <= self.lo_bits:
             raise ValueError(
                 f"method.hi_bits={self.hi_bits} must exceed method.lo_bits={self.lo_bits}"
             )
@@ -202,9 +224,48 @@ class MethodConfig(_Strict):
                 f"method.hi_bits={FLOAT_BITS} (float16 values)"
             )
 
+    def base_bits(self, budget: float | None = None) -> int:
+        """``lo_bits``, or when unset the widest base that leaves room at ``budget``.
+
+        A base of b bits costs b + (16 + b) / group_size bits per weight (a
+        float16 scale and a b-bit zero per group); the widest base below
+        ``hi_bits`` whose cost is at least ``BASE_ROOM`` under the budget is
+        chosen (measured on SmolLM2-135M: at 3.5 bits a 3-bit base with 4-bit
+        high-impact weights has half the perplexity of a 2-bit one).
+        """
+        if self.lo_bits is not None:
+            return self.lo_bits
+        b = self.budget if budget is None else budget
+        room = [
+            lo
+            for lo in BASES
+            if lo < self.hi_bits
+            and (lo == BASES[0] or b >= grid_bits(lo, self.group_size) + BASE_ROOM)
+        ]
+        return max(room)
+
+    def for_budgets(self, budgets: Sequence[float]) -> MethodConfig:
+        """This configuration with ``lo_bits`` fixed for every one of ``budgets``.
+
+        Budgets that share a sensitivity profile (``lwq sweep``, ``lwq run``
+        with several budgets) must share the base; an unset ``lo_bits`` whose
+        budgets fall on both sides of a base's threshold is an error.
+        """
+        if self.lo_bits is not None:
+            return self
+        bases = {b: self.base_bits(b) for b in budgets}
+        if len(set(bases.values())) > 1:
+            split = ", ".join(f"{b:g} -> {lo} bits" for b, lo in bases.items())
+            raise ConfigError(
+                f"method.lo_bits is unset and these budgets need different bases ({split}); "
+                "they share one sensitivity profile: set method.lo_bits (--lo-bits) or run "
+                "the budgets of each base separately"
+            )
+        return self.model_copy(update={"lo_bits": next(iter(bases.values()))})
+
     def grids(self) -> tuple[GridSpec, GridSpec]:
         """The low grid of most weights and the high grid of the high-impact ones."""
-        return GridSpec(self.lo_bits, self.group_size), GridSpec(self.hi_bits, self.group_size)
+        return GridSpec(self.base_bits(), self.group_size), GridSpec(self.hi_bits, self.group_size)
 
     def lwc(self) -> LWCSettings | None:
         return LWCSettings(steps=self.lwc_steps) if self.hi_refine == "lwc" else None

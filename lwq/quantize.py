@@ -281,8 +281,10 @@ class Prepared:
     state: MethodState
 
 
-def check_budgets(model_dir: Path, config: LwqConfig, budgets: list[float]) -> None:
-    """Refuse a budget the method's grids cannot reach, before any work.
+def check_budgets(model_dir: Path, config: LwqConfig, budgets: list[float]) -> LwqConfig:
+    """``config`` with the method's base fixed for ``budgets`` (``method.lo_bits``
+    when unset: ``MethodConfig.for_budgets``); a budget its grids cannot reach is
+    refused, before any work.
 
     Bounds come from the layers' shapes alone (``reachable_bits``); the exact
     range is checked again once the saliency rankings are known.
@@ -290,7 +292,8 @@ def check_budgets(model_dir: Path, config: LwqConfig, budgets: list[float]) -> N
     from transformers import AutoConfig
 
     check_model_dir(model_dir)
-    m = config.method
+    m = config.method.for_budgets(budgets)
+    config = config.model_copy(update={"method": m})
     model = empty_model(AutoConfig.from_pretrained(model_dir))
     adapter = adapter_for(model)
     shapes = [adapter.shape(module) for _, module in adapter.iter_layers(model)]
@@ -308,6 +311,7 @@ def check_budgets(model_dir: Path, config: LwqConfig, budgets: list[float]) -> N
                 f"with method.r_max={m.r_max:g} of the weights at method.hi_bits={m.hi_bits}: "
                 f"raise method.r_max (--r-max) or method.lo_bits (--lo-bits)"
             )
+    return config
 
 
 def prepare_method(
@@ -338,7 +342,7 @@ def quantize(config: LwqConfig, progress: bool = True) -> QuantizeReport:
     calib, state, store = None, None, None
     work = tempfile.TemporaryDirectory(prefix="lwq-hessians-")
     if config.quant.method == "lwq":
-        check_budgets(model_dir, config, [config.method.budget])
+        config = check_budgets(model_dir, config, [config.method.budget])
         # Parallel mode quantizes from the full-precision Hessians the method
         # computes anyway: kept on disk, they save a second calibration pass.
         keep = Path(work.name) if config.calib.block_mode == "parallel" else None

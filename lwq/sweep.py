@@ -94,7 +94,7 @@ def sweep(
     check_model_dir(model_dir)
     for b in budgets:
         check_output_dir(checkpoint_dir(out, b), config.overwrite)
-    check_budgets(model_dir, config, budgets)
+    config = check_budgets(model_dir, config, budgets)
     text = None if eval_data is None else read_text(eval_data, "--data")
     model, tokenizer = load_model_dir(model_dir, device=config.device)
     work = tempfile.TemporaryDirectory(prefix="lwq-hessians-")

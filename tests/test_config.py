@@ -36,6 +36,8 @@ def test_bad_values_name_the_setting() -> None:
     with pytest.raises(ConfigError, match=r"calib\.mode"):
         make_config({"calib": {"mode": "both"}})
     with pytest.raises(ConfigError, match=r"method\.hi_bits=2 must exceed method\.lo_bits=2"):
+        make_config({"method": {"hi_bits": 2, "lo_bits": 2}})
+    with pytest.raises(ConfigError, match=r"method\.hi_bits=2 must exceed the 2 bits .*unset"):
         make_config({"method": {"hi_bits": 2}})
     with pytest.raises(ConfigError, match=r"method\.r_mid=0\.3 must be below method\.r_max"):
         make_config({"method": {"r_mid": 0.3, "r_max": 0.2}})
@@ -102,3 +104,38 @@ def test_profile_settings_apply_to_their_estimator() -> None:
         )
     cfg = make_config({"quant": {"method": "lwq"}, "method": {"profile": "forward"}})
     assert cfg.method.sketch_dim == 128
+
+
+@pytest.mark.parametrize(
+    ("budget", "group", "hi", "base"),
+    [
+        (2.5, 128, 4, 2),
+        (3.0, 128, 4, 2),
+        (3.24, 128, 4, 2),  # a 3-bit grid costs 3.148 at group 128: too little room
+        (3.25, 128, 4, 3),
+        (3.5, 128, 4, 3),
+        (3.5, 32, 4, 2),  # 3.594 bits at group 32
+        (3.7, 32, 4, 3),
+        (3.5, 128, 3, 2),  # the base stays below the high grid
+        (3.5, 128, 16, 3),
+    ],
+)
+def test_an_unset_base_is_chosen_from_the_budget(
+    budget: float, group: int, hi: int, base: int
+) -> None:
+    on = {"quant": {"method": "lwq"}}
+    m = make_config({**on, "method": {"budget": budget, "group_size": group, "hi_bits": hi}}).method
+    assert m.lo_bits is None
+    assert m.base_bits() == base
+    assert m.grids()[0].bits == base
+    assert m.for_budgets([budget]).lo_bits == base
+    fixed = make_config({**on, "method": {"budget": budget, "lo_bits": 2}}).method
+    assert fixed.base_bits() == 2 and fixed.for_budgets([2.5, 3.5]) is fixed
+
+
+def test_budgets_that_need_different_bases_share_no_profile() -> None:
+    m = make_config({}).method
+    assert m.for_budgets([2.25, 2.5, 3.0]).lo_bits == 2
+    assert m.for_budgets([3.5, 4.0]).lo_bits == 3
+    with pytest.raises(ConfigError, match=r"2\.5 -> 2 bits, 3\.5 -> 3 bits.*--lo-bits"):
+        m.for_budgets([2.5, 3.5])

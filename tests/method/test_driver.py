@@ -94,10 +94,25 @@ def test_unreachable_budget_fails_before_any_work_and_names_the_setting(
         quantize(_cfg(model_dir, tmp_path / "q", 1.5), progress=False)
     # 2 bits + 0.1 x 2 bits + both grids' scales cannot reach 4.0: the error names the setting.
     with pytest.raises(ConfigError, match=r"method.budget=4 is above .* raise method.r_max"):
-        quantize(_cfg(model_dir, tmp_path / "q", 4.0, r_max=0.1), progress=False)
+        quantize(_cfg(model_dir, tmp_path / "q", 4.0, r_max=0.1, lo_bits=2), progress=False)
     assert not (tmp_path / "q").exists()
     with pytest.raises(ConfigError, match="hi_bits"):
         _cfg(model_dir, tmp_path / "q", 2.5, lo_bits=4, hi_bits=4)
+    # An unset base is chosen per budget; budgets sharing one profile must share it.
+    from lwq.sweep import sweep
+
+    monkeypatch.setattr("lwq.sweep.load_model_dir", no_work)
+    with pytest.raises(ConfigError, match=r"2\.6 -> 2 bits, 3\.8 -> 3 bits"):
+        sweep(_cfg(model_dir, tmp_path / "q", 2.6), [2.6, 3.8], progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_the_base_follows_the_budget(tmp_path: Path) -> None:
+    """3.8 bits at group 32 leave room above a 3-bit grid (3.59 bits): 3/4-bit layers."""
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    report = quantize(_cfg(model_dir, tmp_path / "q", 3.8), progress=False)
+    assert {x.lo.bits for x in report.manifest.layers.values()} == {3}
+    assert abs(report.manifest.bits.from_bytes - 3.8) <= 0.02
 
 
 @pytest.mark.parametrize("ties", ["inputs", "block"])
