@@ -17,7 +17,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Prefect's ephemeral server needs more than its default 20 s on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    config = config_from_args(args, method="lwq")
+    config = config_from_args(args, method=args.method or "lwq")
     config = with_overrides(
         config,
         {
@@ -35,19 +35,23 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from flows.compress import run
     except ImportError as err:
         raise LwqError(f"lwq run needs the pipeline packages (tasks, flows): {err}") from err
+    q = config.quant
     for res in run(config, budgets):
         r, reg = res.report, res.registered
         ppl = "-" if r.perplexity is None else f"{r.perplexity:.3f}"
         fp_ppl = "-" if r.perplexity_fp is None else f"{r.perplexity_fp:.3f}"
-        print(f"budget {res.budget:g}: checkpoint {res.uri}")
+        label = (
+            f"budget {res.budget:g}"
+            if q.method == "lwq"
+            else f"{q.method} W{res.budget:g} g{q.group_size}"
+        )
+        kl = "" if q.method != "lwq" else f", predicted KL {r.predicted_kl:.4f}"
+        print(f"{label}: checkpoint {res.uri}")
         print(
             f"  registered {reg.name} version {reg.version} "
             f"({', '.join(reg.aliases) or 'no alias'}{'' if reg.new else ', already registered'})"
         )
-        print(
-            f"  bits {r.bits:.4f} (from bytes), perplexity {ppl} (full precision {fp_ppl}), "
-            f"predicted KL {r.predicted_kl:.4f}"
-        )
+        print(f"  bits {r.bits:.4f} (from bytes), perplexity {ppl} (full precision {fp_ppl}){kl}")
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())
         print(f"  stages: {stages}")
         print(f"  cache: {', '.join(f'{k} {v}' for k, v in res.cache.items())}")
@@ -58,20 +62,31 @@ def add_run_parser(sub: Any) -> None:
     rn = sub.add_parser(
         "run",
         help="the workflow: quantize, evaluate, store and register (Prefect + MLflow)",
-        description="Run the Prefect flow calibrate -> sensitivity -> QP solve -> per-layer "
-        "quantization -> pack -> evaluate -> upload -> register. With nothing configured it "
-        "runs locally: Prefect's ephemeral server, MLflow on WORK_DIR/mlflow.db with its "
-        "artifacts in WORK_DIR/mlartifacts, checkpoints in WORK_DIR/store. Point it at servers "
-        "with PREFECT_API_URL, MLFLOW_TRACKING_URI (or pipeline.tracking_uri) and --storage "
-        "s3://BUCKET/PREFIX with AWS_ENDPOINT_URL. Stages are cached by content and by the "
-        "code version that computed them: a rerun, or a rerun after a crash, recomputes only "
-        "what changed (inputs or code), and registers nothing twice. Layers are quantized "
-        "independently from full-precision Hessians (parallel mode).",
+        description=(
+            "Run the Prefect flow calibrate -> sensitivity -> QP solve -> per-layer "
+            "quantization -> pack -> evaluate -> upload -> register (rtn and gptq: "
+            "calibrate -> Hessians -> per-layer quantization -> pack -> evaluate -> upload "
+            "-> register). With nothing configured it runs locally: Prefect's ephemeral "
+            "server, MLflow on WORK_DIR/mlflow.db with its artifacts in "
+            "WORK_DIR/mlartifacts, checkpoints in WORK_DIR/store. Point it at servers with "
+            "PREFECT_API_URL, MLFLOW_TRACKING_URI (or pipeline.tracking_uri) and --storage "
+            "s3://BUCKET/PREFIX with AWS_ENDPOINT_URL. Stages are cached by content and by "
+            "the code version that computed them: a rerun, or a rerun after a crash, "
+            "recomputes only what changed (inputs or code), and registers nothing twice. "
+            "Layers are quantized independently from full-precision Hessians (parallel mode)."
+        ),
+    )
+    rn.add_argument(
+        "--method",
+        choices=["rtn", "gptq", "lwq"],
+        help="quant.method (default lwq): the layer-wise method, or a uniform baseline (rtn, "
+        "gptq) through the same stages, storage and registry",
     )
     rn.add_argument(
         "--bits",
         dest="budgets",
-        help="method.budget, or several comma-separated budgets (a sweep)",
+        help="lwq: method.budget, or several comma-separated budgets (a sweep sharing the "
+        "profile); rtn/gptq: quant.bits, or several widths (e.g. 3,4; the Hessians are shared)",
     )
     rn.add_argument(
         "--data",

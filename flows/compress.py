@@ -17,7 +17,8 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.context import get_run_context
 
-from lwq.config import LwqConfig, resolve_inputs
+from lwq.config import LwqConfig, resolve_inputs, with_overrides
+from lwq.errors import ConfigError
 from lwq.quantize import check_budgets
 from tasks.runners import task_runner_for
 from tasks.stages import (
@@ -26,8 +27,11 @@ from tasks.stages import (
     calibrate,
     evaluate,
     fingerprint,
+    hessians,
+    layers,
     pack,
     quantize_layer_task,
+    quantize_uniform_layer_task,
     sensitivity,
     solve,
     upload,
@@ -132,24 +136,77 @@ def _compress_budget(
     packed = _cached_call(
         cache, pack, model_dir, work, prep.state_dir, prep.calib_path, layers, config, alloc, keys
     )
-    ckpt = packed.path
+    seconds = {**prep.seconds, "solve": solve_s, "quantize": quantize_s}
+    return _finish(config, budget, fp.for_budget(budget), packed, seconds, cache)
+
+
+def _finish(
+    config: LwqConfig,
+    bits: float,
+    run_fp: Fingerprint,
+    packed: Any,
+    seconds: dict[str, float],
+    cache: dict[str, str],
+) -> CompressResult:
+    """Evaluate, upload and register a packed checkpoint."""
+    model_dir, ckpt = str(config.model), packed.path
     report = _cached_call(
-        cache, evaluate, ckpt, model_dir, config, packed.manifest_sha256, fp.eval_sha
+        cache, evaluate, ckpt, model_dir, config, packed.manifest_sha256, run_fp.eval_sha
     )
-    run_fp = fp.for_budget(budget)
     key = f"{Path(model_dir).name}/{run_fp.run}"
     t = time.perf_counter()
     uri = upload(ckpt, config.pipeline, key)
-    seconds = {
-        **prep.seconds,
-        "solve": solve_s,
-        "quantize": quantize_s,
-        "evaluate": report.seconds,
-        "upload": time.perf_counter() - t,
-    }
+    seconds = {**seconds, "evaluate": report.seconds, "upload": time.perf_counter() - t}
     flow_run_id = _flow_run_id()
     registered = register(config, run_fp, ckpt, uri, key, report, seconds, flow_run_id)
-    return CompressResult(budget, ckpt, uri, report, registered, seconds, flow_run_id, cache)
+    return CompressResult(bits, ckpt, uri, report, registered, seconds, flow_run_id, cache)
+
+
+def _compress_uniform(config: LwqConfig, fp: Fingerprint) -> CompressResult:
+    """RTN or GPTQ: every layer on the grid of quant.*, one task per layer."""
+    model_dir, work = str(config.model), config.pipeline.work_dir
+    cache: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    calib_path = hess_dir = hess_key = None
+    gptq = None
+    if config.quant.method == "gptq":
+        gptq = config.gptq.model_dump(mode="json")
+        calib = _cached_call(
+            cache,
+            calibrate,
+            model_dir,
+            work,
+            fp.model_sha,
+            fp.source_sha,
+            config.calib.model_dump(mode="json", exclude={"mode", "batch_size"}),
+        )
+        hess = _cached_call(
+            cache, hessians, model_dir, work, calib.path, config, fp.model_sha, calib.sha256
+        )
+        seconds = {"calibrate": calib.seconds, "hessians": hess.seconds}
+        calib_path, hess_dir, hess_key = calib.path, hess.path, hess.key
+    quant = config.quant.model_dump(mode="json")
+    names = layers(model_dir, fp.model_sha)
+    t = time.perf_counter()
+    futures = quantize_uniform_layer_task.map(
+        unmapped(model_dir),
+        unmapped(work),
+        unmapped(hess_dir),
+        unmapped(config),
+        unmapped(fp.model_sha),
+        unmapped(hess_key),
+        list(names),
+        unmapped(quant),
+        unmapped(gptq),
+    )
+    futures.wait()
+    hits = sum(f.state.name == "Cached" for f in futures)
+    cache[quantize_uniform_layer_task.name] = f"{hits}/{len(futures)} cached"
+    done = futures.result()
+    seconds["quantize"] = time.perf_counter() - t
+    keys = [fp.model_sha, hess_key, quant, gptq]
+    packed = _cached_call(cache, pack, model_dir, work, None, calib_path, done, config, None, keys)
+    return _finish(config, float(config.quant.bits), fp, packed, seconds, cache)
 
 
 def _with_base(config: LwqConfig, budgets: list[float]) -> LwqConfig:
@@ -161,7 +218,9 @@ def _with_base(config: LwqConfig, budgets: list[float]) -> LwqConfig:
 
 @flow(name="lwq-compress", validate_parameters=False)
 def compress(config: LwqConfig) -> CompressResult:
-    """One model, one budget (``method.budget``)."""
+    """One model at one budget (``method.budget``), or on one uniform grid (rtn, gptq)."""
+    if config.quant.method != "lwq":
+        return _compress_uniform(config, fingerprint(config))
     config = _with_base(config, [config.method.budget])
     fp = fingerprint(config)
     return _compress_budget(config, config.method.budget, fp, _prepare(config, fp))
@@ -174,6 +233,16 @@ def sweep(config: LwqConfig, budgets: list[float]) -> list[CompressResult]:
     fp = fingerprint(config)
     prep = _prepare(config, fp)
     return [_compress_budget(config, b, fp, prep) for b in budgets]
+
+
+def uniform_width(config: LwqConfig, bits: float) -> LwqConfig:
+    """``config`` at quant.bits = ``bits``, validated (rtn and gptq take whole widths)."""
+    if not float(bits).is_integer():
+        raise ConfigError(
+            f"--bits {bits:g}: rtn and gptq take whole bits (2, 3, 4, 8); "
+            "a fractional budget needs --method lwq"
+        )
+    return with_overrides(config, {"quant.bits": int(bits)})
 
 
 def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressResult]:
@@ -192,6 +261,9 @@ def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressR
         # Task results (and so the caches) live with the rest of the work.
         "result_storage": Path(config.pipeline.work_dir).resolve() / "results",
     }
+    if config.quant.method != "lwq":  # one flow run per width; the Hessians are cached
+        configs = [config] if not budgets else [uniform_width(config, b) for b in budgets]
+        return [compress.with_options(**options)(c) for c in configs]
     if budgets and len(budgets) > 1:
         return sweep.with_options(**options)(config, budgets)
     if budgets:

@@ -27,7 +27,14 @@ from lwq.errors import ConfigError, LwqError
 from lwq.loading import LazyCausalLM, SafetensorsIndex
 from lwq.method.cost import reachable_bits
 from lwq.method.qp import Allocation
-from lwq.method.state import HessianStore, MethodState, allocate, allocation_report, prepare
+from lwq.method.state import (
+    HessianStore,
+    MethodState,
+    allocate,
+    allocation_report,
+    by_work,
+    prepare,
+)
 from lwq.models import (
     check_model_dir,
     check_tokenizer,
@@ -226,6 +233,35 @@ def quantize_model(
     finally:
         source.close()
     return QuantizeReport(out.resolve(), manifest, time.perf_counter() - t0, layers, block_seconds)
+
+
+def layers_largest_first(model_dir: Path) -> list[str]:
+    """The quantizable layers of the model in ``model_dir``, largest first (``by_work``)."""
+    from transformers import AutoConfig
+
+    skeleton = empty_model(AutoConfig.from_pretrained(model_dir))  # meta tensors
+    adapter = adapter_for(skeleton)
+    named = [(name, adapter.shape(module)) for name, module in adapter.iter_layers(skeleton)]
+    return [named[i][0] for i in by_work([shape for _, shape in named])]
+
+
+def store_hessians(
+    model_dir: Path, calib: CalibrationSet, out: Path, config: LwqConfig, progress: bool = True
+) -> HessianStore:
+    """The full-precision input Hessians of every layer, written to ``out``.
+
+    What GPTQ needs to quantize layers independently (parallel mode, e.g. one
+    task per layer in a flow); blocks are loaded lazily, one at a time.
+    """
+    source = LazyCausalLM(model_dir, device=config.device)
+    store = HessianStore(out)
+    try:
+        for step in iter_block_stats(source, calib, "parallel", config.calib.batch_size, progress):
+            store.put_block(step)
+    finally:
+        source.close()
+    store.close()
+    return store
 
 
 def assemble_checkpoint(

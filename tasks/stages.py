@@ -40,6 +40,14 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "sensitivity": ("lwq.method.state", "lwq.models"),
     "solve": ("lwq.method.state",),
     "quantize-layer": ("lwq.method.state", "lwq.quant.layer", "lwq.loading", "lwq.pack.layer"),
+    "hessians": ("lwq.quantize",),
+    "layers": ("lwq.quantize",),
+    "quantize-uniform-layer": (
+        "lwq.method.state",
+        "lwq.quant.layer",
+        "lwq.loading",
+        "lwq.pack.layer",
+    ),
     "pack": ("lwq.quantize", "lwq.pack.layer"),
     "evaluate": ("lwq.pack.checkpoint", "lwq.eval.perplexity", "lwq.models"),
 }
@@ -72,7 +80,16 @@ class LwqCode(CachePolicy):
 
 
 # Paths, the work folder and whole configs are read, never hashed.
-PATHS = ("model_dir", "work", "calib_path", "state_dir", "layer_files", "ckpt", "config")
+PATHS = (
+    "model_dir",
+    "work",
+    "calib_path",
+    "state_dir",
+    "hessians_dir",
+    "layer_files",
+    "ckpt",
+    "config",
+)
 
 
 def cached(stage: str) -> Any:
@@ -133,6 +150,11 @@ def result_settings(config: LwqConfig) -> dict[str, Any]:
     settings["method"].pop("budget")
     if config.quant.method == "lwq":
         settings.pop("quant")  # the method's grids are method.*
+    else:
+        settings.pop("method")  # the method's settings do not apply
+    if config.quant.method == "rtn":
+        settings.pop("gptq")  # RTN reads neither the calibration nor GPTQ's settings
+        settings.pop("calib")
     return settings
 
 
@@ -143,13 +165,14 @@ def fingerprint(config: LwqConfig) -> Fingerprint:
     from lwq.models import check_model_dir
     from lwq.pack.checkpoint import weights_sha256
 
-    config.require("model", "calib.source")
+    needs_calib = config.quant.method != "rtn"
+    config.require("model", *(["calib.source"] if needs_calib else []))
     model_dir = Path(str(config.model))
     check_model_dir(model_dir)
     data = config.pipeline.eval_data
     return Fingerprint(
         weights_sha256(model_dir),
-        source_sha256(str(config.calib.source)),
+        source_sha256(str(config.calib.source)) if needs_calib else "",
         digest(result_settings(config)),
         None if data is None else file_sha256(Path(data)),
         pipeline_code(),
@@ -168,6 +191,14 @@ class CalibrationRef:
 class StateRef:
     path: str  # the method state folder (state.json, state.safetensors, hessians/)
     key: str  # content and code identity of the state
+    seconds: float
+    version: int = RESULT_VERSION
+
+
+@dataclass(frozen=True)
+class HessiansRef:
+    path: str  # the HessianStore folder
+    key: str  # content and code identity of the Hessians
     seconds: float
     version: int = RESULT_VERSION
 
@@ -327,26 +358,89 @@ def quantize_layer_task(
     return LayerResult(name, str(path), res.output_error, _timed(t))
 
 
+@task(name="hessians", cache_policy=cached("hessians"), persist_result=True)
+def hessians(
+    model_dir: str, work: str, calib_path: str, config: LwqConfig, model_sha: str, calib_sha: str
+) -> HessiansRef:
+    """Full-precision input Hessians of every layer (what GPTQ's layers need), to disk."""
+    from lwq.calibration import CalibrationSet
+    from lwq.quantize import store_hessians
+
+    t = time.perf_counter()
+    key = digest([model_sha, calib_sha, config.calib.batch_size, stage_code("hessians")])[:24]
+    out = Path(work) / "hessians" / key
+    calib = CalibrationSet.load(Path(calib_path))
+    store_hessians(Path(model_dir), calib, out, config, progress=False)
+    return HessiansRef(str(out), key, _timed(t))
+
+
+@task(name="layers", cache_policy=cached("layers"), persist_result=True)
+def layers(model_dir: str, model_sha: str) -> tuple[str, ...]:
+    """The quantizable layers, largest first: mapped over workers, they end together."""
+    from lwq.quantize import layers_largest_first
+
+    return tuple(layers_largest_first(Path(model_dir)))
+
+
+@task(
+    name="quantize-uniform-layer",
+    cache_policy=cached("quantize-uniform-layer"),
+    persist_result=True,
+)
+def quantize_uniform_layer_task(
+    model_dir: str,
+    work: str,
+    hessians_dir: str | None,
+    config: LwqConfig,
+    model_sha: str,
+    hessians_key: str | None,
+    name: str,
+    quant: dict[str, Any],
+    gptq: dict[str, Any] | None,
+) -> LayerResult:
+    """One layer on the uniform grid of quant.* (RTN, or GPTQ from its Hessian), packed."""
+    from lwq.loading import read_layer_weights
+    from lwq.method.state import HessianStore
+    from lwq.pack.layer import pack_layer
+    from lwq.quant.layer import quantize_layer
+    from lwq.quantize import plan_for
+
+    t = time.perf_counter()
+    W = read_layer_weights(Path(model_dir), [name])[name]
+    H = None if hessians_dir is None else HessianStore.open(Path(hessians_dir)).get(name)
+    settings = None if gptq is None else config.gptq.settings()
+    res = quantize_layer(W, H, plan_for(config).job(name), settings, None, False)
+    code = stage_code("quantize-uniform-layer")
+    key = digest([model_sha, hessians_key, name, quant, gptq, code])[:24]
+    path = Path(work) / "layers" / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pack_layer(name, res.weight).save(path)
+    return LayerResult(name, str(path), res.output_error, _timed(t))
+
+
 @task(name="pack", cache_policy=cached("pack"), persist_result=True)
 def pack(
     model_dir: str,
     work: str,
-    state_dir: str,
-    calib_path: str,
+    state_dir: str | None,
+    calib_path: str | None,
     layer_files: list[LayerResult],
     config: LwqConfig,
-    alloc: Allocation,
+    alloc: Allocation | None,
     layer_keys: list[Any],
 ) -> CheckpointRef:
-    """The packed checkpoint from the quantized layers."""
+    """The packed checkpoint from the quantized layers (the method's: with its state
+    and allocation; RTN's and GPTQ's: without)."""
     from lwq.calibration import CalibrationSet
     from lwq.hashing import file_sha256
     from lwq.pack.checkpoint import MANIFEST
     from lwq.pack.layer import PackedLayer
-    from lwq.quantize import MethodPlan, assemble_checkpoint
+    from lwq.quantize import MethodPlan, Plan, assemble_checkpoint, plan_for
 
-    plan = MethodPlan(method_state(state_dir), alloc)
-    calib = CalibrationSet.load(Path(calib_path))
+    plan: Plan = plan_for(config)
+    if state_dir is not None and alloc is not None:
+        plan = MethodPlan(method_state(state_dir), alloc)
+    calib = None if calib_path is None else CalibrationSet.load(Path(calib_path))
     packed = [PackedLayer.load(Path(r.path)) for r in layer_files]
     errors = {r.name: r.output_error for r in layer_files}
     out = Path(work) / "checkpoints" / digest([*layer_keys, stage_code("pack")])[:24]

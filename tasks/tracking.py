@@ -188,7 +188,9 @@ def _champion_moves(client: Any, name: str, report: EvalReport) -> bool:
     return report.perplexity < ppl and report.bits <= bits + 1e-9
 
 
-def _write_artifacts(tmp: Path, manifest: Manifest, report: EvalReport, ckpt: Path) -> list[Path]:
+def _write_artifacts(
+    tmp: Path, manifest: Manifest, report: EvalReport, ckpt: Path, method: str
+) -> list[Path]:
     from lwq.plots import allocation_plot, pareto_plot
 
     (tmp / "eval_report.json").write_text(json.dumps(asdict(report), indent=1), encoding="utf-8")
@@ -209,7 +211,7 @@ def _write_artifacts(tmp: Path, manifest: Manifest, report: EvalReport, ckpt: Pa
     if report.perplexity is not None:
         files.append(
             pareto_plot(
-                {"lwq": [(report.bits, report.perplexity)]},
+                {method: [(report.bits, report.perplexity)]},
                 tmp / "pareto.png",
                 reference=report.perplexity_fp,
             )
@@ -261,9 +263,10 @@ def register(
             metrics = {
                 "bits": report.bits,
                 "bits_cost_model": report.bits_model,
-                "predicted_kl": report.predicted_kl,
                 **{f"seconds_{k}": v for k, v in stage_seconds.items()},
             }
+            if report.predicted_kl == report.predicted_kl:  # NaN: no prediction (rtn, gptq)
+                metrics["predicted_kl"] = report.predicted_kl
             if report.perplexity is not None:
                 metrics["perplexity"] = report.perplexity
             if report.perplexity_fp is not None:
@@ -271,7 +274,7 @@ def register(
             mlflow.log_metrics(metrics)
             with tempfile.TemporaryDirectory() as tmpdir:
                 tmp = Path(tmpdir)
-                for f in _write_artifacts(tmp, manifest, report, Path(ckpt)):
+                for f in _write_artifacts(tmp, manifest, report, Path(ckpt), config.quant.method):
                     mlflow.log_artifact(str(f))
                 pointer = tmp / "pointer.json"
                 location = p.storage or str((Path(p.work_dir) / "store").resolve())

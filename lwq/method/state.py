@@ -299,9 +299,14 @@ def fixed_allocation(state: MethodState, ratio: float) -> Allocation:
 
 
 def largest_first(state: MethodState) -> list[int]:
+    """Layer indices of ``state`` by decreasing quantization work (``by_work``)."""
+    return by_work([c.shape for c in state.costs])
+
+
+def by_work(shapes: list[tuple[int, int]]) -> list[int]:
     """Layer indices by decreasing quantization work (d_in^2 (d_out + d_in / 3): the
     inverse Hessian and the column sweep), so parallel workers finish together."""
-    work = [c.shape[1] ** 2 * (c.shape[0] + c.shape[1] / 3) for c in state.costs]
+    work = [d_in**2 * (d_out + d_in / 3) for d_out, d_in in shapes]
     return sorted(range(len(work)), key=lambda i: (-work[i], i))
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import boto3
 import pytest
+import torch
 from conftest import ZOO
 
 from lwq.config import LwqConfig, make_config
@@ -442,3 +443,75 @@ def test_a_run_from_the_repository_leaves_no_file_in_it(
     assert _tree(REPO) == before
     artifacts = tmp_path / "work" / "mlartifacts"
     assert any(p.name == "MLmodel" for p in artifacts.rglob("*")), artifacts
+
+
+def test_uniform_methods_run_through_the_same_stages(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lwq run --method gptq|rtn`: one flow run per width, Hessians shared, each registered;
+    the checkpoint equals `lwq quantize --mode parallel`'s on the same calibration."""
+    from cli.main import main
+    from lwq.pack.checkpoint import load_quantized
+
+    calib = str(ZOO / "data" / "calibration.txt")
+    text = (ZOO / "data" / "validation.txt").read_text(encoding="utf-8")[:20000]
+    (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
+    common = ["--model", str(tiny_llama), "--calib", calib, "--n-samples", "4"]
+    common += ["--seq-len", "32", "--group-size", "32", "-q"]
+    args = ["run", *common, "--data", str(tmp_path / "eval.txt")]
+    args += ["--work-dir", str(tmp_path / "work")]
+    assert main([*args, "--method", "gptq", "--bits", "4,3"]) == 0
+    out = capsys.readouterr().out
+    assert "gptq W4 g32: checkpoint" in out and "gptq W3 g32: checkpoint" in out
+    assert "registered lwq-tiny-llama version 1 (candidate, champion)" in out
+    assert "registered lwq-tiny-llama version 2 (candidate" in out
+    assert "predicted KL" not in out
+    # The second width reused the calibration and the Hessians.
+    assert re.search(r"cache: calibrate cached, hessians cached, quantize-uniform-layer 0/", out)
+    rtn = ["run", "--model", str(tiny_llama), "--group-size", "32", "-q"]
+    rtn += ["--data", str(tmp_path / "eval.txt"), "--work-dir", str(tmp_path / "work")]
+    assert main([*rtn, "--method", "rtn", "--bits", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "rtn W4 g32: checkpoint" in out and "version 3" in out
+    assert "calibrate" not in out.split("cache:")[1]  # RTN reads no calibration
+    # A rerun registers nothing.
+    assert main([*args, "--method", "gptq", "--bits", "3"]) == 0
+    assert "version 2 (candidate, already registered)" in capsys.readouterr().out
+
+    assert (
+        main(
+            [
+                "quantize",
+                *common,
+                "--method",
+                "gptq",
+                "--bits",
+                "3",
+                "--mode",
+                "parallel",
+                "--out",
+                str(tmp_path / "lib"),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    stored = sorted((tmp_path / "work" / "checkpoints").iterdir())
+    lib, _, _ = load_quantized(tmp_path / "lib")
+    matches = 0
+    for ckpt in stored:
+        flow_model, _, manifest = load_quantized(ckpt)
+        if manifest.quantization.settings["quant"]["bits"] != 3:
+            continue
+        if manifest.quantization.method != "gptq":
+            continue
+        for (name, a), (_, b) in zip(
+            flow_model.state_dict().items(), lib.state_dict().items(), strict=True
+        ):
+            assert torch.equal(a, b), name
+        matches += 1
+    assert matches == 1
+
+    # A fractional width is refused before anything runs, naming the method.
+    assert main([*args, "--method", "gptq", "--bits", "3.5"]) == 2
+    assert "--method lwq" in capsys.readouterr().err
