@@ -437,9 +437,11 @@ def pack(
     from lwq.pack.layer import PackedLayer
     from lwq.quantize import MethodPlan, Plan, assemble_checkpoint, plan_for
 
-    plan: Plan = plan_for(config)
-    if state_dir is not None and alloc is not None:
-        plan = MethodPlan(method_state(state_dir), alloc)
+    plan: Plan = (
+        MethodPlan(method_state(state_dir), alloc)
+        if state_dir is not None and alloc is not None
+        else plan_for(config)
+    )
     calib = None if calib_path is None else CalibrationSet.load(Path(calib_path))
     packed = [PackedLayer.load(Path(r.path)) for r in layer_files]
     errors = {r.name: r.output_error for r in layer_files}
