@@ -75,18 +75,16 @@ class Prepared:
     cache: dict[str, str]
 
 
+def _calibrate(config: LwqConfig, fp: Fingerprint, cache: dict[str, str]) -> Any:
+    calib = config.calib.model_dump(mode="json", exclude={"mode", "batch_size"})
+    args = (str(config.model), config.pipeline.work_dir, fp.model_sha, fp.source_sha, calib)
+    return _cached_call(cache, calibrate, *args)
+
+
 def _prepare(config: LwqConfig, fp: Fingerprint) -> Prepared:
     model_dir, work = str(config.model), config.pipeline.work_dir
     cache: dict[str, str] = {}
-    calib = _cached_call(
-        cache,
-        calibrate,
-        model_dir,
-        work,
-        fp.model_sha,
-        fp.source_sha,
-        config.calib.model_dump(mode="json", exclude={"mode", "batch_size"}),
-    )
+    calib = _calibrate(config, fp, cache)
     state = _cached_call(
         cache,
         sensitivity,
@@ -171,15 +169,7 @@ def _compress_uniform(config: LwqConfig, fp: Fingerprint) -> CompressResult:
     gptq = None
     if config.quant.method == "gptq":
         gptq = config.gptq.model_dump(mode="json")
-        calib = _cached_call(
-            cache,
-            calibrate,
-            model_dir,
-            work,
-            fp.model_sha,
-            fp.source_sha,
-            config.calib.model_dump(mode="json", exclude={"mode", "batch_size"}),
-        )
+        calib = _calibrate(config, fp, cache)
         hess = _cached_call(
             cache, hessians, model_dir, work, calib.path, config, fp.model_sha, calib.sha256
         )
