@@ -65,6 +65,16 @@ def _cached_call(cache: dict[str, str], task: Any, *args: Any) -> Any:
     return state.result()
 
 
+def _mapped(cache: dict[str, str], task: Any, *args: Any) -> tuple[list[Any], float]:
+    """Map ``task`` over the layers; its results, seconds, and how many the cache served."""
+    t = time.perf_counter()
+    futures = task.map(*args)
+    futures.wait()
+    hits = sum(f.state.name == "Cached" for f in futures)
+    cache[task.name] = f"{hits}/{len(futures)} cached"
+    return futures.result(), time.perf_counter() - t
+
+
 @dataclass(frozen=True)
 class Prepared:
     calib_path: str
@@ -112,8 +122,9 @@ def _compress_budget(
     solution = _cached_call(cache, solve, prep.state_dir, config, prep.state_key, budget, method)
     alloc, order = solution.allocation, solution.order
     solve_s = time.perf_counter() - t
-    t = time.perf_counter()
-    futures = quantize_layer_task.map(
+    layers, quantize_s = _mapped(
+        cache,
+        quantize_layer_task,
         unmapped(model_dir),
         unmapped(work),
         unmapped(prep.state_dir),
@@ -125,11 +136,6 @@ def _compress_budget(
         unmapped(gptq),
         unmapped(method),
     )
-    futures.wait()
-    hits = sum(f.state.name == "Cached" for f in futures)
-    cache[quantize_layer_task.name] = f"{hits}/{len(futures)} cached"
-    layers = futures.result()
-    quantize_s = time.perf_counter() - t
     keys = [fp.model_sha, prep.state_key, list(alloc.ratios), gptq, method]
     packed = _cached_call(
         cache, pack, model_dir, work, prep.state_dir, prep.calib_path, layers, config, alloc, keys
@@ -177,8 +183,9 @@ def _compress_uniform(config: LwqConfig, fp: Fingerprint) -> CompressResult:
         calib_path, hess_dir, hess_key = calib.path, hess.path, hess.key
     quant = config.quant.model_dump(mode="json")
     names = layers(model_dir, fp.model_sha)
-    t = time.perf_counter()
-    futures = quantize_uniform_layer_task.map(
+    done, seconds["quantize"] = _mapped(
+        cache,
+        quantize_uniform_layer_task,
         unmapped(model_dir),
         unmapped(work),
         unmapped(hess_dir),
@@ -189,11 +196,6 @@ def _compress_uniform(config: LwqConfig, fp: Fingerprint) -> CompressResult:
         unmapped(quant),
         unmapped(gptq),
     )
-    futures.wait()
-    hits = sum(f.state.name == "Cached" for f in futures)
-    cache[quantize_uniform_layer_task.name] = f"{hits}/{len(futures)} cached"
-    done = futures.result()
-    seconds["quantize"] = time.perf_counter() - t
     keys = [fp.model_sha, hess_key, quant, gptq]
     packed = _cached_call(cache, pack, model_dir, work, None, calib_path, done, config, None, keys)
     return _finish(config, float(config.quant.bits), fp, packed, seconds, cache)

@@ -340,7 +340,6 @@ def quantize_layer_task(
     """One layer at its ratio, packed to a file."""
     from lwq.loading import read_layer_weights
     from lwq.method.state import HessianStore
-    from lwq.pack.layer import pack_layer
     from lwq.quant.layer import quantize_layer
 
     t = time.perf_counter()
@@ -350,12 +349,18 @@ def quantize_layer_task(
     res = quantize_layer(
         W, H, state.job(name, ratio), config.gptq.settings(), config.method.lwc(), True
     )
-    code = stage_code("quantize-layer")
-    key = digest([model_sha, state_key, name, ratio, gptq, method, code])[:24]
-    path = Path(work) / "layers" / f"{key}.safetensors"
+    key = [model_sha, state_key, name, ratio, gptq, method, stage_code("quantize-layer")]
+    return _save_layer(work, key, name, res, t)
+
+
+def _save_layer(work: str, key: list[Any], name: str, res: Any, start: float) -> LayerResult:
+    """A quantized layer packed to WORK/layers/, named by its content and code ``key``."""
+    from lwq.pack.layer import pack_layer
+
+    path = Path(work) / "layers" / f"{digest(key)[:24]}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     pack_layer(name, res.weight).save(path)
-    return LayerResult(name, str(path), res.output_error, _timed(t))
+    return LayerResult(name, str(path), res.output_error, _timed(start))
 
 
 @task(name="hessians", cache_policy=cached("hessians"), persist_result=True)
@@ -401,7 +406,6 @@ def quantize_uniform_layer_task(
     """One layer on the uniform grid of quant.* (RTN, or GPTQ from its Hessian), packed."""
     from lwq.loading import read_layer_weights
     from lwq.method.state import HessianStore
-    from lwq.pack.layer import pack_layer
     from lwq.quant.layer import quantize_layer
     from lwq.quantize import plan_for
 
@@ -410,12 +414,8 @@ def quantize_uniform_layer_task(
     H = None if hessians_dir is None else HessianStore.open(Path(hessians_dir)).get(name)
     settings = None if gptq is None else config.gptq.settings()
     res = quantize_layer(W, H, plan_for(config).job(name), settings, None, False)
-    code = stage_code("quantize-uniform-layer")
-    key = digest([model_sha, hessians_key, name, quant, gptq, code])[:24]
-    path = Path(work) / "layers" / f"{key}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pack_layer(name, res.weight).save(path)
-    return LayerResult(name, str(path), res.output_error, _timed(t))
+    key = [model_sha, hessians_key, name, quant, gptq, stage_code("quantize-uniform-layer")]
+    return _save_layer(work, key, name, res, t)
 
 
 @task(name="pack", cache_policy=cached("pack"), persist_result=True)
