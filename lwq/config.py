@@ -236,13 +236,12 @@ class MethodConfig(_Strict):
         if self.lo_bits is not None:
             return self.lo_bits
         b = self.budget if budget is None else budget
-        room = [
+        wider = [
             lo
-            for lo in BASES
-            if lo < self.hi_bits
-            and (lo == BASES[0] or b >= grid_bits(lo, self.group_size) + BASE_ROOM)
+            for lo in BASES[1:]
+            if lo < self.hi_bits and b >= grid_bits(lo, self.group_size) + BASE_ROOM
         ]
-        return max(room)
+        return max(wider, default=BASES[0])
 
     def for_budgets(self, budgets: Sequence[float]) -> MethodConfig:
         """This configuration with ``lo_bits`` fixed for every one of ``budgets``.
