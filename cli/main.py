@@ -16,6 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cli.operations import (
+    add_deploy_parser,
+    add_register_base_parser,
+    add_serve_parser,
+    add_trigger_parser,
+)
 from cli.options import add_quantize_args, config_from_args, parse_budgets
 from cli.workflow import add_run_parser
 from lwq.errors import LwqError
@@ -312,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_cmd_sweep)
 
     add_run_parser(sub)
+    add_deploy_parser(sub)
+    add_register_base_parser(sub)
+    add_serve_parser(sub)
+    add_trigger_parser(sub)
 
     info = sub.add_parser("info", help="show a packed checkpoint's manifest, bits and layers")
     info.add_argument("checkpoint", type=Path, help="packed checkpoint directory")

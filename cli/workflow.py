@@ -13,10 +13,43 @@ from lwq.config import with_overrides
 from lwq.errors import LwqError
 
 
-def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def prefect_env() -> None:
     # Prefect's ephemeral server needs more than its default 20 s on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+# Flags that are not settings: they may go with --manifest.
+NOT_SETTINGS = {"command", "func", "manifest", "verbose", "quiet"}
+
+
+def _run_manifest(args: argparse.Namespace) -> int:
+    given = [k for k, v in vars(args).items() if k not in NOT_SETTINGS and v not in (None, False)]
+    if given:
+        flags = ", ".join("--" + ("bits" if k == "budgets" else k.replace("_", "-")) for k in given)
+        raise LwqError(
+            f"--manifest takes every setting from the manifest (its defaults and entries); "
+            f"remove {flags} or put it in the manifest"
+        )
+    try:
+        from flows.zoo import FAILED, table, zoo
+        from tasks.tracking import fetch_base
+    except ImportError as err:
+        raise LwqError(f"lwq run needs the pipeline packages (tasks, flows): {err}") from err
+    from lwq.zoofile import load_manifest
+
+    jobs = load_manifest(args.manifest, resolve=fetch_base)  # every problem, before any work
+    print(f"{args.manifest}: {len(jobs)} entries checked")
+    rows = zoo(str(args.manifest.resolve()))
+    print(table(rows))
+    failed = sum(r.status == FAILED for r in rows)
+    return 1 if failed else 0
+
+
+def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    prefect_env()
+    if args.manifest is not None:
+        return _run_manifest(args)
     config = config_from_args(args, method=args.method or "lwq")
     config = with_overrides(
         config,
@@ -75,6 +108,15 @@ def add_run_parser(sub: Any) -> None:
             "recomputes only what changed (inputs or code), and registers nothing twice. "
             "Layers are quantized independently from full-precision Hessians (parallel mode)."
         ),
+    )
+    rn.add_argument(
+        "--manifest",
+        type=Path,
+        help="a zoo manifest (YAML: defaults and entries of model, method, bits, "
+        "registry_name, config): every entry not yet registered with the same fingerprint "
+        "is compressed and registered; a failed entry does not stop the others; a summary "
+        "table follows. Every entry is checked before any work starts. Exit status 1 when "
+        "an entry failed",
     )
     rn.add_argument(
         "--method",

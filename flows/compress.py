@@ -17,9 +17,8 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.context import get_run_context
 
-from lwq.config import LwqConfig, resolve_inputs, with_overrides
-from lwq.errors import ConfigError
-from lwq.quantize import check_budgets
+from lwq.config import LwqConfig
+from lwq.zoofile import check_run, uniform_width
 from tasks.runners import task_runner_for
 from tasks.stages import (
     EvalReport,
@@ -36,7 +35,7 @@ from tasks.stages import (
     solve,
     upload,
 )
-from tasks.tracking import Registered, register
+from tasks.tracking import Registered, find_registered, register
 
 
 @dataclass(frozen=True)
@@ -227,34 +226,36 @@ def sweep(config: LwqConfig, budgets: list[float]) -> list[CompressResult]:
     return [_compress_budget(config, b, fp, prep) for b in budgets]
 
 
-def uniform_width(config: LwqConfig, bits: float) -> LwqConfig:
-    """``config`` at quant.bits = ``bits``, validated (rtn and gptq take whole widths)."""
-    if not float(bits).is_integer():
-        raise ConfigError(
-            f"--bits {bits:g}: rtn and gptq take whole bits (2, 3, 4, 8); "
-            "a fractional budget needs --method lwq"
-        )
-    return with_overrides(config, {"quant.bits": int(bits)})
+def _jobs(config: LwqConfig, budgets: list[float]) -> list[tuple[LwqConfig, list[float]]]:
+    """The flow runs of a checked config: rtn/gptq one per width, lwq one for all budgets."""
+    if config.quant.method != "lwq":
+        return [(uniform_width(config, b), [b]) for b in budgets]
+    return [(_with_base(config, budgets), budgets)]
 
 
-def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressResult]:
-    """``compress`` (one budget) or ``sweep`` with the configured task runner.
+def already_registered(config: LwqConfig, budgets: list[float]) -> list[Registered | None]:
+    """Per width, the version a finished run of ``config`` registered, if any.
 
-    Settings that the workflow would ignore are refused first (``check_for``);
-    a zoo model gets the zoo's calibration and validation slices as defaults.
+    ``config`` is checked (``check_run``); the fingerprints are the ones the
+    flows compute, so a width found here is one a run would not register again.
     """
-    config.check_for("run")
-    config = resolve_inputs(config, evaluation=True)
-    if config.model is not None and config.quant.method == "lwq":
-        # A budget the method's grids cannot reach fails before any task.
-        config = check_budgets(Path(config.model), config, budgets or [config.method.budget])
+    out: list[Registered | None] = []
+    for cfg, widths in _jobs(config, budgets):
+        fp = fingerprint.fn(cfg)
+        for b in widths:
+            out.append(find_registered(cfg, fp if cfg.quant.method != "lwq" else fp.for_budget(b)))
+    return out
+
+
+def run_checked(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressResult]:
+    """``compress`` (one budget or width) or ``sweep``, for a config ``check_run`` passed."""
     options: dict[str, Any] = {
         "task_runner": task_runner_for(config.pipeline),
         # Task results (and so the caches) live with the rest of the work.
         "result_storage": Path(config.pipeline.work_dir).resolve() / "results",
     }
     if config.quant.method != "lwq":  # one flow run per width; the Hessians are cached
-        configs = [config] if not budgets else [uniform_width(config, b) for b in budgets]
+        configs = [config] if not budgets else [c for c, _ in _jobs(config, budgets)]
         return [compress.with_options(**options)(c) for c in configs]
     if budgets and len(budgets) > 1:
         return sweep.with_options(**options)(config, budgets)
@@ -262,3 +263,13 @@ def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressR
         method = config.method.model_copy(update={"budget": budgets[0]})
         config = config.model_copy(update={"method": method})
     return [compress.with_options(**options)(config)]
+
+
+def run(config: LwqConfig, budgets: list[float] | None = None) -> list[CompressResult]:
+    """``compress`` (one budget) or ``sweep`` with the configured task runner.
+
+    Settings that the workflow would ignore, fractional rtn/gptq widths and
+    budgets out of the method's reach are refused first (``check_run``); a zoo
+    model gets the zoo's calibration and validation slices as defaults.
+    """
+    return run_checked(check_run(config, budgets), budgets)

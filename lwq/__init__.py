@@ -6,4 +6,15 @@ It never imports prefect, mlflow or boto3 (``tests/test_layering.py``).
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def load(source: str, device: str = "cpu") -> tuple[Any, Any, Any]:
+    """(model, tokenizer, manifest) of a packed checkpoint: a local folder, or a registry
+    URI such as ``models:/NAME@champion`` (MLflow: MLFLOW_TRACKING_URI). See ``lwq.sources``."""
+    from lwq.sources import load as load_source
+
+    loaded = load_source(source, device)
+    return loaded.model, loaded.tokenizer, loaded.manifest

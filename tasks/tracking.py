@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.models import infer_signature
 from mlflow.pyfunc import PythonModel
 from prefect import task
 
@@ -30,7 +31,14 @@ from lwq.pack.manifest import MANIFEST, Manifest
 from tasks.stages import EvalReport, Fingerprint
 
 CANDIDATE, CHAMPION = "candidate", "champion"
-PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "boto3", "pandas"]
+
+
+def pip_requirements() -> list[str]:
+    """What a fresh environment needs to load the logged model: lwq at this version
+    (it brings torch, transformers, boto3, mlflow) and pandas for the payloads."""
+    import lwq
+
+    return [f"lwq=={lwq.__version__}", "pandas"]
 
 
 class TrackingError(LwqError):
@@ -47,32 +55,47 @@ class Registered:
 
 
 class LwqCheckpointModel(PythonModel):  # type: ignore[misc]
-    """A packed lwq checkpoint as an MLflow pyfunc: predicts perplexity per text."""
+    """A packed lwq checkpoint as an MLflow pyfunc: perplexity or generation per text.
+
+    ``predict`` takes texts (a list, or a DataFrame of one text column, so every
+    MLflow payload form works) and ``params``: ``task`` perplexity (default) or
+    generate, with ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``
+    and ``seed``. Texts of any length are scored.
+    """
 
     def load_context(self, context: Any) -> None:
         from lwq.pack.checkpoint import load_quantized
-        from tasks.storage import download_checkpoint, open_store
+        from lwq.serving import Predictor
+        from tasks.registry import checkpoint_from_pointer
 
         pointer = json.loads(Path(context.artifacts["pointer"]).read_text(encoding="utf-8"))
-        location, key = pointer["store"], pointer["key"]
-        store = open_store(location, pointer.get("s3_endpoint_url"))
-        cache = Path(tempfile.gettempdir()) / "lwq-models" / pointer["manifest_sha256"][:24]
-        ckpt = download_checkpoint(store, key, cache)
+        ckpt = checkpoint_from_pointer(pointer)
         self.model, self.tokenizer, self.manifest = load_quantized(ckpt)
+        self.predictor = Predictor(self.model, self.tokenizer)
 
-    def predict(
-        self, context: Any, model_input: list[str], params: dict[str, Any] | None = None
-    ) -> list[float]:
-        """Perplexity of each text (a column ``text`` or a list of strings)."""
-        from lwq.eval.perplexity import perplexity_of_text
-        from lwq.models import context_window
+    # No type hints on predict: a hinted input would restrict the served payloads to
+    # {"inputs": ...}; MLflow's dataframe forms arrive as a DataFrame.
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        from lwq.serving import as_texts, generation_params
 
-        data: Any = model_input  # a list of strings, or a DataFrame with a text column
-        texts = list(data["text"]) if hasattr(data, "columns") else list(data)
-        window = context_window(self.model.config)
-        return [
-            perplexity_of_text(self.model, self.tokenizer, t, window, 8).perplexity for t in texts
-        ]
+        data: Any = model_input
+        if hasattr(data, "columns"):  # a DataFrame: its text column, or its only column
+            column = "text" if "text" in data.columns else data.columns[0]
+            data = list(data[column])
+        texts = as_texts(data if isinstance(data, list) else list(data), "input")
+        params = dict(params or {})
+        task = params.pop("task", "perplexity")
+        return self.predictor.predict(str(task), texts, generation_params(params))
+
+
+# The params a served pyfunc accepts (MLflow passes only those of the signature).
+PREDICT_PARAMS = {
+    "task": "perplexity",
+    "max_new_tokens": 32,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "seed": 0,
+}
 
 
 def tracking_uri(config: LwqConfig) -> str:
@@ -294,7 +317,8 @@ def register(
                     name="model",
                     python_model=LwqCheckpointModel(),
                     artifacts={"pointer": str(pointer)},
-                    pip_requirements=PIP_REQUIREMENTS,
+                    pip_requirements=pip_requirements(),
+                    signature=infer_signature(["a text"], params=PREDICT_PARAMS),
                 )
             # The version is created with its fingerprint tag in one call, so a
             # crash cannot leave a version that a rerun would not recognise.
@@ -317,3 +341,117 @@ def _manifest_sha(ckpt: Path) -> str:
     from lwq.hashing import file_sha256
 
     return file_sha256(ckpt / MANIFEST)
+
+
+def registered_metrics(config: LwqConfig, reg: Registered) -> dict[str, float]:
+    """The metrics of the run that registered ``reg``."""
+    try:
+        return dict(_client(config).get_run(reg.run_id).data.metrics)
+    except Exception as err:
+        raise _wrap(err, config) from err
+
+
+BASE_ROLE = "base"  # the lwq.role tag of a registered base model
+
+
+def register_base(model_dir: Path, name: str, config: LwqConfig) -> Registered:
+    """Log a Hugging Face model folder as a version of ``name`` (once per weights).
+
+    The version's files are the folder itself (config, tokenizer, weights);
+    ``fetch_base`` brings them back. Its tags say it is a base model and give
+    the weights' SHA-256, so ``lwq`` never mistakes it for one of its own results.
+    """
+    from lwq.models import check_model_dir
+    from lwq.pack.checkpoint import weights_sha256
+
+    check_model_dir(model_dir, "DIR")
+    sha = weights_sha256(model_dir)
+    client = _client(config)
+    tags = {"lwq.role": BASE_ROLE, "lwq.base_model_sha256": sha}
+    try:
+        try:
+            model = client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            model = client.create_registered_model(name, tags={"lwq.role": BASE_ROLE})
+        if model.tags.get("lwq.role") != BASE_ROLE:
+            raise ConfigError(
+                f"--name {name}: the registered model {name!r} is not a base model registered "
+                "by lwq register-base (it has no lwq.role=base tag); choose another name"
+            )
+        for v in client.search_model_versions(f"name='{name}'"):
+            if v.tags.get("lwq.base_model_sha256") == sha:
+                return Registered(name, str(v.version), str(v.run_id), (), new=False)
+        base = config.model_copy(
+            update={"pipeline": config.pipeline.model_copy(update={"experiment": "lwq-bases"})}
+        )
+        mlflow.set_experiment(experiment_id=_experiment_id(client, base))
+        with mlflow.start_run(run_name=f"base-{name}", tags=tags) as run:
+            mlflow.log_artifacts(str(model_dir), artifact_path="model")
+            source = f"{run.info.artifact_uri}/model"
+        mv = client.create_model_version(name, source, run_id=run.info.run_id, tags=tags)
+        return Registered(name, str(mv.version), run.info.run_id, (), new=True)
+    except (ConfigError, LwqError):
+        raise
+    except Exception as err:
+        raise _wrap(err, config) from err
+
+
+def fetch_base(spec: str, config: LwqConfig) -> Path:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` of a base model as a local
+    folder under WORK_DIR/bases (downloaded once per version)."""
+    from lwq.models import check_model_dir
+    from tasks.registry import parse
+
+    name, version, alias = parse(spec)
+    client = _client(config)
+    try:
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version == "latest":  # the newest version: what a missed delivery registered
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise ConfigError(f"model {spec!r}: {name} has no versions")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = client.get_model_version(name, str(version))
+    except ConfigError:
+        raise
+    except mlflow.exceptions.MlflowException as err:
+        raise ConfigError(
+            f"model {spec!r}: not in the registry at {tracking_uri(config)} ({str(err)[:120]}); "
+            "register it with lwq register-base, or check pipeline.tracking_uri"
+        ) from err
+    except Exception as err:
+        raise _wrap(err, config) from err
+    sha = mv.tags.get("lwq.base_model_sha256")
+    if mv.tags.get("lwq.role") != BASE_ROLE or not sha:
+        raise ConfigError(
+            f"model {spec!r}: version {mv.version} is not a base model registered by "
+            "lwq register-base (no lwq.role=base tag)"
+        )
+    out = Path(config.pipeline.work_dir).resolve() / "bases" / name / str(mv.version)
+    done = out / ".lwq-base-sha256"
+    if done.is_file() and done.read_text(encoding="utf-8") == sha:
+        return out
+    import shutil
+
+    from lwq.pack.checkpoint import weights_sha256
+
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=tracking_uri(config)
+        )
+    except Exception as err:
+        raise _wrap(err, config) from err
+    got = tmp / Path(mv.source.rstrip("/")).name
+    check_model_dir(got, "model")
+    if weights_sha256(got) != sha:
+        raise LwqError(f"model {spec!r}: the downloaded weights do not match their SHA-256 tag")
+    shutil.rmtree(out, ignore_errors=True)
+    got.rename(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    done.write_text(sha, encoding="utf-8")
+    return out

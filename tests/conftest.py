@@ -78,57 +78,118 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[k] = v
 
 
-class MlflowServer:
+class Process:
+    """A server or service process started by a test and ended by PID (its whole group).
+
+    ``start`` waits until ``health`` answers (when given); ``stop`` sends
+    SIGINT, then SIGKILL (a Prefect worker ignores SIGTERM). The log is
+    ``root/NAME.log``, quoted when the process does not come up.
+    """
+
+    def __init__(self, root: Path, name: str) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.name = root, name
+        self.log = root / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def launch(
+        self, cmd: list[str], env: dict[str, str], health: str | None, timeout: float = 180
+    ) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=log, start_new_session=True, cwd=self.root
+            )
+        deadline = time.monotonic() + timeout
+        while health is not None:
+            try:
+                with urllib.request.urlopen(health, timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    tail = self.tail()
+                    self.stop()
+                    pytest.fail(f"{self.name} did not answer {health}:\n{tail}")
+                time.sleep(0.5)
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.is_file() else ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGINT, 20), (signal.SIGKILL, 30)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children that outlived the leader (flow runs, workers)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+
+class MlflowServer(Process):
     """An `mlflow server` process on 127.0.0.1: sqlite backend store, proxied artifacts.
 
     The artifacts go to ``artifacts`` (a local folder or an ``s3://`` bucket of
     ``s3_endpoint``), served through the tracking server as a team's server does,
     so clients need no store credentials. ``stop`` and ``start`` again keep the
-    port and the stores: the same server, restarted.
+    port and the stores: the same server, restarted. ``env`` adds settings (the
+    webhook ones).
     """
 
-    def __init__(self, root: Path, artifacts: str, s3_endpoint: str | None = None) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.root, self.artifacts, self.s3_endpoint = root, artifacts, s3_endpoint
+    def __init__(
+        self,
+        root: Path,
+        artifacts: str,
+        s3_endpoint: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(root, "mlflow-server")
+        self.artifacts, self.s3_endpoint, self.env = artifacts, s3_endpoint, env or {}
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 180) -> None:
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         if self.s3_endpoint:
             env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
         cmd = [sys.executable, "-m", "mlflow", "server"]
         cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
         cmd += ["--artifacts-destination", self.artifacts]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        log = (self.root / "server.log").open("ab")
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=log, start_new_session=True, cwd=self.root
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (self.root / "server.log").read_text(errors="replace")[-2000:]
-                    self.stop()
-                    pytest.fail(f"mlflow server did not start on {self.uri}:\n{tail}")
-                time.sleep(0.5)
+        self.launch(cmd, env, f"{self.uri}/health", timeout)
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
+
+class PrefectServer(Process):
+    """`prefect server start` on 127.0.0.1 with its own sqlite database (schedules run)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, "prefect-server")
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+
+    def start(self, timeout: float = 180) -> None:
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(self.root / "home"),
+            "PREFECT_API_DATABASE_CONNECTION_URL": (
+                f"sqlite+aiosqlite:///{self.root / 'prefect.db'}"
+            ),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+        }
+        env.pop("PREFECT_API_URL", None)
+        cmd = [sys.executable, "-m", "prefect", "server", "start"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.launch(cmd, env, f"{self.api}/health", timeout)
 
 
 @pytest.fixture(scope="session")
@@ -155,6 +216,17 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect server (its scheduler runs, unlike the test harness's): its API URL."""
+    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
+    server.start()
+    try:
+        yield server.api
+    finally:
+        server.stop()
 
 
 @pytest.fixture

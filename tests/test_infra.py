@@ -38,3 +38,31 @@ def test_compose_services_ports_and_variables() -> None:
     init = (INFRA / "postgres-init.sql").read_text()
     for var in ("MLFLOW_DB", "PREFECT_DB"):
         assert f"CREATE DATABASE {example[var]};" in init
+
+
+def test_operations_services_and_deployments() -> None:
+    """The worker, the receiver and the deployments they run exist and fit together."""
+    import importlib
+
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"deployments", "worker", "receiver"} <= set(services)
+    env = services["mlflow"]["environment"]
+    assert env["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] == "${MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY}"
+    assert env["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] == "true"
+    assert "--limit 1" in services["worker"]["command"]
+    assert services["worker"]["stop_signal"] == "SIGINT"  # a worker ignores SIGTERM
+    assert "lwq trigger serve" in services["receiver"]["command"]
+    deploy = yaml.safe_load((INFRA / "prefect.yaml").read_text())
+    names = {d["name"] for d in deploy["deployments"]}
+    assert "--deployment team" in services["receiver"]["command"] and names == {"team"}
+    for d in deploy["deployments"]:
+        path, _, fn = d["entrypoint"].partition(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, fn)
+        assert d["work_pool"]["name"] == "lwq" and set(d["parameters"]) <= set(
+            flow.parameters.properties
+        )
+    scheduled = [d for d in deploy["deployments"] if d.get("schedules")]
+    assert scheduled[0]["concurrency_limit"]["limit"] == 1
+    assert "torch==2.13.0" in (INFRA / "Dockerfile").read_text()

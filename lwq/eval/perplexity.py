@@ -78,3 +78,29 @@ def perplexity_of_text(
     )
     ids = enc["input_ids"]
     return perplexity(model, torch.tensor(ids, dtype=torch.long), seq_len, batch_size, progress)
+
+
+@torch.no_grad()
+def text_perplexity(
+    model: nn.Module, tokenizer: object, text: str, window: int
+) -> PerplexityResult:
+    """Perplexity of one text of any length (serving): windows of ``window`` tokens,
+    the last one shorter; every token but each window's first is predicted."""
+    enc = tokenizer(  # type: ignore[operator]
+        text, add_special_tokens=False, return_attention_mask=False, verbose=False
+    )
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    if ids.numel() < 2:
+        raise ConfigError(f"a text needs at least 2 tokens for a perplexity, got {ids.numel()}")
+    device = next(model.parameters()).device
+    total_nll, n_tokens = 0.0, 0
+    chunks = [c for c in ids.split(window) if c.numel() >= 2]  # (T,) each, T <= window
+    for chunk in chunks:
+        batch = chunk[None].to(device)  # (1, T)
+        logits = model(input_ids=batch).logits.float()  # (1, T, V)
+        total_nll += float(
+            nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum")
+        )
+        n_tokens += chunk.numel() - 1
+    mean = total_nll / n_tokens
+    return PerplexityResult(math.exp(mean), mean, len(chunks), n_tokens, window)
