@@ -30,8 +30,7 @@ def cmd_deploy(args: argparse.Namespace, argv: Sequence[str]) -> int:
     deployments, tracking = _pipeline()
     from lwq.zoofile import load_manifest
 
-    if args.cron is not None:
-        deployments.check_cron(args.cron, args.timezone)
+    deployments.check_schedule(args.cron, args.interval, args.timezone)
     jobs = load_manifest(args.manifest, resolve=tracking.fetch_base)  # refused before serving
     url = deployments.prefect_api()
     name = args.name

@@ -43,6 +43,16 @@ def prefect_api() -> str:
     return str(url)
 
 
+def check_schedule(cron: str | None, interval: float | None, timezone: str | None) -> None:
+    """One valid schedule, or a ConfigError naming the flag."""
+    if (cron is None) == (interval is None):
+        raise ConfigError("give one schedule: --cron EXPRESSION or --interval SECONDS")
+    if cron is not None:
+        check_cron(cron, timezone)
+    elif interval is not None and interval <= 0:
+        raise ConfigError(f"--interval {interval:g}: give a positive number of seconds")
+
+
 def check_cron(cron: str, timezone: str | None) -> None:
     from prefect.client.schemas.schedules import CronSchedule
 
@@ -74,15 +84,11 @@ def zoo_deployment(
 
     from flows.zoo import zoo
 
-    if (cron is None) == (interval is None):
-        raise ConfigError("give one schedule: --cron EXPRESSION or --interval SECONDS")
+    check_schedule(cron, interval, timezone)
     if cron is not None:
-        check_cron(cron, timezone)
         schedule: Any = CronSchedule(cron=cron, timezone=timezone)
     else:
         assert interval is not None
-        if interval <= 0:
-            raise ConfigError(f"--interval {interval:g}: give a positive number of seconds")
         schedule = IntervalSchedule(interval=timedelta(seconds=interval))
     limit = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     return zoo.to_deployment(

@@ -418,19 +418,24 @@ def make_config(data: dict[str, Any]) -> LwqConfig:
         raise ConfigError(_explain(err)) from err
 
 
+def read_yaml_mapping(path: Path, flag: str, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors name ``flag`` and the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"{flag} {path}: no such file") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{flag} {path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag} {path}: the top level must be {what}")
+    return data
+
+
 def load_config(path: Path | None) -> LwqConfig:
     """Read a YAML file (or the defaults when ``path`` is None)."""
     if path is None:
         return make_config({})
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError as err:
-        raise ConfigError(f"--config {path}: no such file") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: the top level must be a mapping of settings")
-    return make_config(data)
+    return make_config(read_yaml_mapping(path, "--config", "a mapping of settings"))
 
 
 def with_overrides(config: LwqConfig, overrides: dict[str, Any]) -> LwqConfig:

@@ -31,6 +31,11 @@ def context_window(model_config: Any, requested: int | None = None) -> int:
     return int(min(MAX_WINDOW, context))
 
 
+def max_positions(model_config: Any) -> int:
+    """The longest sequence the model takes (prompt and generated tokens), uncapped."""
+    return int(getattr(model_config, "max_position_embeddings", 0) or context_window(model_config))
+
+
 def check_model_dir(path: Path, setting: str = "--model") -> None:
     """Fail early, naming the setting, when ``path`` is not a loadable model."""
     path = Path(path)

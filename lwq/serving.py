@@ -153,11 +153,11 @@ class Predictor:
     """Generation and perplexity on one loaded model."""
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
-        from lwq.models import context_window
+        from lwq.models import context_window, max_positions
 
         self.model, self.tokenizer = model, tokenizer
         self.window = context_window(model.config)  # perplexity windows
-        self.context = int(getattr(model.config, "max_position_embeddings", 0) or self.window)
+        self.context = max_positions(model.config)
 
     def perplexities(self, texts: list[str]) -> list[dict[str, float]]:
         from lwq.errors import ConfigError

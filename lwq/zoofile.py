@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from lwq.config import LwqConfig, resolve_inputs, with_overrides
+from lwq.config import LwqConfig, read_yaml_mapping, resolve_inputs, with_overrides
 from lwq.errors import ConfigError, LwqError
 
 REGISTERED_PREFIX = "models:/"
@@ -228,14 +227,7 @@ def _job(
 
 def _read(path: Path) -> tuple[_File, Path, Path]:
     """The manifest file checked for its top-level keys; its folder; the zoo folder."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise ConfigError(f"--manifest {path}: no such file") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--manifest {path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--manifest {path}: the top level must have the keys entries, defaults")
+    raw = read_yaml_mapping(path, "--manifest", "a mapping with the keys entries, defaults")
     try:
         top = _File.model_validate(raw)
     except ValidationError as err:

@@ -49,9 +49,14 @@ def model_version(uri: str) -> Any:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, str(version))
     except mlflow.exceptions.MlflowException as err:
-        raise ConfigError(
-            f"{uri}: not in the registry at {_tracking()} ({str(err)[:160]}); check the name, "
-            "version or alias, or MLFLOW_TRACKING_URI"
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ConfigError(
+                f"{uri}: not in the registry at {_tracking()} ({str(err)[:160]}); check the "
+                "name, version or alias, or MLFLOW_TRACKING_URI"
+            ) from err
+        raise LwqError(
+            f"the MLflow registry at {_tracking()} did not answer ({str(err)[:160]}); "
+            "start it or correct MLFLOW_TRACKING_URI"
         ) from err
     except Exception as err:  # requests' connection errors, after MLflow's retries
         raise LwqError(

@@ -229,6 +229,20 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+def rtn_manifest(folder: Path, model: Path, tracking_uri: str) -> Path:
+    """A one-entry zoo manifest (RTN W4 of ``model``) with its evaluation text, in ``folder``."""
+    text = (ZOO / "data" / "validation.txt").read_text(encoding="utf-8")[:5000]
+    (folder / "eval.txt").write_text(text, encoding="utf-8")
+    manifest = folder / "zoo.yaml"
+    pipeline = f'{{work_dir: work, tracking_uri: "{tracking_uri}", eval_data: eval.txt}}'
+    manifest.write_text(
+        "defaults:\n  method: rtn\n  bits: 4\n  config:\n    quant: {group_size: 32}\n"
+        f"    pipeline: {pipeline}\nentries:\n  - model: {model}\n",
+        encoding="utf-8",
+    )
+    return manifest
+
+
 @pytest.fixture
 def tiny_llama(tmp_path: Path) -> Path:
     from tiny_models import save_tiny_model_dir

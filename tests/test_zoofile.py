@@ -98,7 +98,7 @@ entries:
         ("entries: []", "entries: the list is empty"),
         ("entriez: []", "entriez: unknown key"),
         ("defaults: {method: awq}\nentries: [{model: x}]", "defaults.method"),
-        ("- model: x", "the top level must have the keys"),
+        ("- model: x", "the top level must be a mapping with the keys"),
         ("entries: [3]", "entry 1 (?): an entry is a mapping"),
         (
             f"zoo: {ZOO}\nentries: [{{model: llama-6l-128d}}, {{model: llama-6l-128d}}]",

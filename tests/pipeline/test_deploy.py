@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ZOO, Process
+from conftest import Process, rtn_manifest
 
 
 def _post(api: str, path: str, body: dict[str, Any]) -> Any:
@@ -46,22 +46,7 @@ def test_a_served_schedule_registers_once(
     tiny_llama: Path, tmp_path: Path, prefect_api: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "mlflow.db"
-    manifest = tmp_path / "zoo.yaml"
-    manifest.write_text(
-        f"""
-defaults:
-  method: rtn
-  bits: 4
-  config:
-    quant: {{group_size: 32}}
-    pipeline: {{work_dir: work, tracking_uri: "sqlite:///{db}", eval_data: eval.txt}}
-entries:
-  - model: {tiny_llama}
-""",
-        encoding="utf-8",
-    )
-    text = (ZOO / "data" / "validation.txt").read_text(encoding="utf-8")[:5000]
-    (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
+    manifest = rtn_manifest(tmp_path, tiny_llama, f"sqlite:///{db}")
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "ph")}
     serving = Process(tmp_path, "deploy")
     cmd = [sys.executable, "-m", "cli", "deploy", str(manifest), "--interval", "15"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ZOO, MlflowServer, Process, free_port
+from conftest import MlflowServer, Process, free_port, rtn_manifest
 
 from tasks.trigger import Receiver, check_delivery, decide, signature
 
@@ -137,22 +137,7 @@ def test_a_registered_base_model_is_compressed_once(
     from cli.main import main
 
     uri = webhook_mlflow.uri
-    text = (ZOO / "data" / "validation.txt").read_text(encoding="utf-8")[:5000]
-    (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
-    manifest = tmp_path / "zoo.yaml"
-    manifest.write_text(
-        f"""
-defaults:
-  method: rtn
-  bits: 4
-  config:
-    quant: {{group_size: 32}}
-    pipeline: {{work_dir: work, tracking_uri: "{uri}", eval_data: eval.txt}}
-entries:
-  - model: {tiny_llama}
-""",
-        encoding="utf-8",
-    )
+    manifest = rtn_manifest(tmp_path, tiny_llama, uri)
     env = {
         **os.environ,
         "PREFECT_API_URL": prefect_api,
