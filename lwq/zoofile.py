@@ -26,6 +26,7 @@ method's grids cannot reach.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,7 @@ def _anchored(data: dict[str, Any], here: Path) -> dict[str, Any]:
         node = out.get(section)
         value = node.get(key) if isinstance(node, dict) else None
         if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-            out[section] = {**node, key: str(here / Path(value).expanduser())}  # type: ignore[dict-item]
+            out[section] = {**node, key: os.path.normpath(here / Path(value).expanduser())}  # type: ignore[dict-item]
     return out
 
 
@@ -158,7 +159,7 @@ def _model_path(spec: str, here: Path, zoo: Path) -> str:
         return spec
     path = Path(spec).expanduser()
     if not path.is_absolute():
-        path = here / path
+        path = Path(os.path.normpath(here / path))
     if not path.exists() and "/" not in spec and (zoo / spec).is_dir():
         return str(zoo / spec)
     if not path.exists():
@@ -234,7 +235,7 @@ def _read(path: Path) -> tuple[_File, Path, Path]:
         raise ConfigError(f"--manifest {path}: {_pydantic_problems(err)}") from err
     here = Path(path).resolve().parent
     zoo = Path(top.zoo).expanduser()
-    return top, here, zoo if zoo.is_absolute() else here / zoo
+    return top, here, zoo if zoo.is_absolute() else Path(os.path.normpath(here / zoo))
 
 
 def load_manifest(path: Path, resolve: Resolver | None = None) -> list[Job]:

@@ -66,3 +66,15 @@ def test_operations_services_and_deployments() -> None:
     scheduled = [d for d in deploy["deployments"] if d.get("schedules")]
     assert scheduled[0]["concurrency_limit"]["limit"] == 1
     assert "torch==2.13.0" in (INFRA / "Dockerfile").read_text()
+
+
+def test_the_example_manifest_is_valid() -> None:
+    from lwq.zoofile import load_manifest
+
+    jobs = load_manifest(INFRA / "zoo.example.yaml")
+    assert [j.label for j in jobs] == [
+        "llama-6l-128d lwq",
+        "llama-6l-128d gptq",
+        "gpt2-6l-128d rtn",
+    ]
+    assert all(Path(j.config.pipeline.work_dir) == INFRA.parent / ".lwq" for j in jobs)
