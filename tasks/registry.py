@@ -11,7 +11,6 @@ cache folder keyed by the manifest's hash.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,10 @@ def parse(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def _tracking() -> str:
+    """MLflow's tracking URI: ``mlflow.set_tracking_uri``'s, else MLFLOW_TRACKING_URI's."""
     import mlflow
 
-    return str(os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri())
+    return str(mlflow.get_tracking_uri())
 
 
 def model_version(uri: str) -> Any:
@@ -43,7 +43,7 @@ def model_version(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     name, version, alias = parse(uri)
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=_tracking())
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)

@@ -97,7 +97,9 @@ def test_smollm2_is_fetched_converted_and_answers(smollm2: Path) -> None:
 def test_the_method_on_smollm2_meets_its_budget_and_stays_a_language_model(
     smollm2: Path, tmp_path: Path
 ) -> None:
-    """The whole method on the real model, with a small calibration set (CI-sized)."""
+    """The whole method on the real model, with a small calibration set and the chord
+    curve (two probes per layer instead of three): CI-sized. The default power curve runs
+    on the zoo models (tests/method)."""
     import torch
 
     from lwq.config import make_config
@@ -112,7 +114,12 @@ def test_the_method_on_smollm2_meets_its_budget_and_stays_a_language_model(
             "out": str(tmp_path / "q"),
             "calib": {"source": str(calib), "n_samples": 8, "seq_len": 256, "mode": "parallel"},
             "quant": {"method": "lwq"},
-            "method": {"budget": 3.0, "profile_samples": 16, "profile_seq_len": 64},
+            "method": {
+                "budget": 3.0,
+                "profile_samples": 16,
+                "profile_seq_len": 64,
+                "curve": "chord",
+            },
         }
     )
     report = quantize(cfg, progress=False)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,12 +51,18 @@ def test_the_registry_unreachable_or_missing(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    err = _error(capsys, ["serve", "models:/lwq-x@champion"])
-    assert f"the MLflow registry at {url} did not answer" in err
-    assert "MLFLOW_TRACKING_URI" in err
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    # A fresh process: other tests set this process's MLflow tracking URI.
+    cmd = [sys.executable, "-m", "cli", "serve", "models:/lwq-x@champion"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"the MLflow registry at {url} did not answer" in out.stderr
+    assert "MLFLOW_TRACKING_URI" in out.stderr
     err = _error(capsys, ["serve", "models:/lwq-x"])
     assert "give models:/NAME/VERSION or models:/NAME@ALIAS" in err
     err = _error(capsys, ["serve", "models:/x/1", "--host", "0.0.0.0"])

@@ -1,5 +1,6 @@
-"""The registry trigger: signed deliveries, what starts a run, and the whole chain on
-real servers (mlflow server with webhooks -> receiver -> prefect server -> lwq deploy)."""
+"""The registry trigger and the schedule: signed deliveries, what starts a run, and the whole
+chain on real servers (mlflow server with webhooks -> receiver -> prefect server ->
+lwq deploy, which also serves the zoo manifest on a short interval)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +103,13 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
         return err.code, json.load(err)
 
 
-def _registered_runs(api: str) -> list[dict[str, Any]]:
-    body = json.dumps({"flows": {"name": {"any_": ["lwq-registered"]}}}).encode()
+def _runs(api: str, flow: str) -> list[dict[str, Any]]:
+    """The flow runs of ``flow``, oldest first."""
+    query = {
+        "flows": {"name": {"any_": [flow]}},
+        "sort": "EXPECTED_START_TIME_ASC",
+    }
+    body = json.dumps(query).encode()
     status, runs = _post(f"{api}/flow_runs/filter", body, {"Content-Type": "application/json"})
     assert status == 200
     return list(runs)
@@ -125,7 +132,7 @@ def webhook_mlflow(tmp_path: Path) -> Any:
     server.stop()
 
 
-def test_a_registered_base_model_is_compressed_once(
+def test_scheduled_and_triggered_runs_register_once(
     tiny_llama: Path,
     tmp_path: Path,
     prefect_api: str,
@@ -146,8 +153,8 @@ def test_a_registered_base_model_is_compressed_once(
     }
     port = free_port()
     deploy, receiver = Process(tmp_path, "deploy"), Process(tmp_path, "receiver")
-    # The schedule is yearly: only the trigger starts runs here.
-    cmd = [sys.executable, "-m", "cli", "deploy", str(manifest), "--cron", "0 0 1 1 *"]
+    # One process serves the zoo every 20 s and the trigger's deployment, a run at a time.
+    cmd = [sys.executable, "-m", "cli", "deploy", str(manifest), "--interval", "20"]
     deploy.launch([*cmd, "--name", "t"], env, health=None)
     cmd = [sys.executable, "-m", "cli", "trigger", "serve", "--port", str(port)]
     receiver.launch(
@@ -186,7 +193,7 @@ def test_a_registered_base_model_is_compressed_once(
         elapsed = time.monotonic() - t0
         print(f"trigger to registered: {elapsed:.1f} s")
         assert mv.version == "1" and mv.tags["lwq.base_model_sha256"]
-        runs = _registered_runs(prefect_api)
+        runs = _runs(prefect_api, "lwq-registered")
         assert len(runs) == 1 and runs[0]["parameters"]["model"] == "models:/tiny-base/1"
 
         # The same delivery again, and the champion alias on the same version: one run.
@@ -202,11 +209,29 @@ def test_a_registered_base_model_is_compressed_once(
         # A wrong signature: 401 and no run.
         bad = {**headers, "X-MLflow-Signature": signature("not-the-secret-at-all", "d", "1", body)}
         assert _post(hook, body, bad)[0] == 401
-        time.sleep(5)
-        assert len(_registered_runs(prefect_api)) == 1
+        # The schedule: the first tick registered the manifest's entry, the next ones nothing.
+        deadline = time.monotonic() + 300
+        while True:
+            zoo = _runs(prefect_api, "lwq-zoo")
+            done = [r for r in zoo if r["state_type"] == "COMPLETED"]
+            assert not [r for r in zoo if r["state_type"] in ("FAILED", "CRASHED")], deploy.tail()
+            if len(done) >= 2:
+                break
+            assert time.monotonic() < deadline, deploy.tail()
+            time.sleep(2)
+        assert all(r["auto_scheduled"] for r in done)
+        assert done[0]["parameters"] == {"manifest": str(manifest)}
+        versions = client.search_model_versions("name='lwq-tiny-llama'")
+        assert [str(v.version) for v in versions] == ["1"]
+        for r in done:
+            due = datetime.fromisoformat(r["expected_start_time"])
+            began = datetime.fromisoformat(r["start_time"])
+            print(f"scheduled run {r['name']}: started {(began - due).total_seconds():.1f} s late")
+        assert len(_runs(prefect_api, "lwq-registered")) == 1
         log = receiver.tail(100000)
-        # lwq's own registration reached the receiver and was ignored.
+        # lwq's own registrations reached the receiver and were ignored.
         assert "lwq-tiny-base v1 is lwq's own result" in log, log
+        assert "lwq-tiny-llama v1 is lwq's own result" in log, log
         assert "champion of tiny-base moved to v1" in log, log
     finally:
         os.environ.pop("LWQ_WEBHOOK_SECRET", None)
