@@ -145,8 +145,11 @@ def source_sha256(source: str) -> str:
 
 
 def result_settings(config: LwqConfig) -> dict[str, Any]:
-    """The settings that change the checkpoint: not where things go, not the budget."""
-    settings = config.model_dump(mode="json", exclude={"out", "overwrite", "pipeline"})
+    """The settings that change the checkpoint: not where things go, not the budget, and
+    not where the model and the calibration text are (their contents are hashed apart):
+    the same model reached by another path is the same run."""
+    settings = config.model_dump(mode="json", exclude={"out", "overwrite", "pipeline", "model"})
+    settings["calib"].pop("source")
     settings["method"].pop("budget")
     if config.quant.method == "lwq":
         settings.pop("quant")  # the method's grids are method.*

@@ -97,6 +97,17 @@ entries:
             assert again[key][2:6] == ["already registered", *cells[3:6]], (key, again[key])
     assert again[("broken", "-")][2] == "failed"
 
+    # The same weights in another folder are the same run: nothing is registered again.
+    copy = tmp_path / "copy" / "tiny-llama"
+    shutil.copytree(tiny_llama, copy)
+    text = manifest.read_text(encoding="utf-8")
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(text.replace(f"model: {tiny_llama}\n", f"model: {copy}\n"), encoding="utf-8")
+    assert main(["run", "--manifest", str(moved)]) == 1
+    third = _rows(capsys.readouterr().out)
+    assert third[("tiny-llama gptq", "3")][2:4] == ["already registered", "lwq-tiny-llama v3"]
+    assert third[("tiny-llama lwq", "2.7")][2:4] == ["already registered", "lwq-tiny-llama v1"]
+
 
 def test_manifest_takes_no_other_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
