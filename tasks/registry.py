@@ -37,30 +37,38 @@ def _tracking() -> str:
     return str(mlflow.get_tracking_uri())
 
 
-def model_version(uri: str) -> Any:
-    """The registry's ModelVersion that ``uri`` names now."""
+def model_version(uri: str, tracking_uri: str | None = None) -> Any:
+    """The registry's ModelVersion that ``uri`` names now (``latest``: the newest version)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     name, version, alias = parse(uri)
-    client = MlflowClient(tracking_uri=_tracking())
+    where = tracking_uri or _tracking()
+    client = MlflowClient(tracking_uri=where)
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
+        if version == "latest":  # what a missed delivery registered
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise ConfigError(f"{uri}: {name} has no versions in the registry at {where}")
+            return max(versions, key=lambda v: int(v.version))
         return client.get_model_version(name, str(version))
+    except ConfigError:
+        raise
     except mlflow.exceptions.MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise ConfigError(
-                f"{uri}: not in the registry at {_tracking()} ({str(err)[:160]}); check the "
+                f"{uri}: not in the registry at {where} ({str(err)[:160]}); check the "
                 "name, version or alias, or MLFLOW_TRACKING_URI"
             ) from err
         raise LwqError(
-            f"the MLflow registry at {_tracking()} did not answer ({str(err)[:160]}); "
+            f"the MLflow registry at {where} did not answer ({str(err)[:160]}); "
             "start it or correct MLFLOW_TRACKING_URI"
         ) from err
     except Exception as err:  # requests' connection errors, after MLflow's retries
         raise LwqError(
-            f"the MLflow registry at {_tracking()} did not answer ({type(err).__name__}); "
+            f"the MLflow registry at {where} did not answer ({type(err).__name__}); "
             "start it or correct MLFLOW_TRACKING_URI"
         ) from err
 

@@ -400,29 +400,10 @@ def fetch_base(spec: str, config: LwqConfig) -> Path:
     """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` of a base model as a local
     folder under WORK_DIR/bases (downloaded once per version)."""
     from lwq.models import check_model_dir
-    from tasks.registry import parse
+    from tasks.registry import model_version
 
-    name, version, alias = parse(spec)
-    client = _client(config)
-    try:
-        if alias:
-            mv = client.get_model_version_by_alias(name, alias)
-        elif version == "latest":  # the newest version: what a missed delivery registered
-            versions = client.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise ConfigError(f"model {spec!r}: {name} has no versions")
-            mv = max(versions, key=lambda v: int(v.version))
-        else:
-            mv = client.get_model_version(name, str(version))
-    except ConfigError:
-        raise
-    except mlflow.exceptions.MlflowException as err:
-        raise ConfigError(
-            f"model {spec!r}: not in the registry at {tracking_uri(config)} ({str(err)[:120]}); "
-            "register it with lwq register-base, or check pipeline.tracking_uri"
-        ) from err
-    except Exception as err:
-        raise _wrap(err, config) from err
+    mv = model_version(spec, tracking_uri(config))
+    name = mv.name
     sha = mv.tags.get("lwq.base_model_sha256")
     if mv.tags.get("lwq.role") != BASE_ROLE or not sha:
         raise ConfigError(
