@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         )
     logging.getLogger("lwq").setLevel(logging.INFO)
     t = time.perf_counter()
-    server = ModelServer(args.source, args.device)
+    server = ModelServer(args.source, args.device, packed=not args.dequantize)
     h = server.health()
     print(
         f"serving {h['model']} ({h['method']}, {h['bits']:.3f} bits) from {args.source} on "
@@ -179,6 +179,14 @@ def add_serve_parser(sub: Any) -> None:
         help="how often the source is checked for a moved alias (default 30)",
     )
     sv.add_argument("--device", default="cpu", help="device (default cpu)")
+    sv.add_argument(
+        "--dequantize",
+        action="store_true",
+        help=(
+            "hold float32 weights instead of computing from the packed codes (the original "
+            "model's memory; by default the layers stay packed, see LWQ_KERNELS in the README)"
+        ),
+    )
     sv.set_defaults(func=cmd_serve)
 
 

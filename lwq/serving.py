@@ -222,11 +222,11 @@ class Predictor:
 class ModelServer:
     """The model of ``source``, replaced when what the source names changes (a moved alias)."""
 
-    def __init__(self, source: str, device: str = "cpu") -> None:
+    def __init__(self, source: str, device: str = "cpu", packed: bool = True) -> None:
         from lwq.sources import load
 
-        self.source, self.device = source, device
-        self.loaded = load(source, device)
+        self.source, self.device, self.packed = source, device, packed
+        self.loaded = load(source, device, packed)
         self.predictor = Predictor(self.loaded.model, self.loaded.tokenizer)
         self.lock = threading.Lock()  # one request at a time reaches torch
 
@@ -238,7 +238,7 @@ class ModelServer:
         if pinned == self.loaded.pinned:
             return False
         log.info("%s now names %s (was %s): loading", self.source, pinned, self.loaded.pinned)
-        loaded = load(pinned, self.device)
+        loaded = load(pinned, self.device, self.packed)
         predictor = Predictor(loaded.model, loaded.tokenizer)
         with self.lock:
             self.loaded, self.predictor = loaded, predictor

@@ -67,7 +67,7 @@ def source_for(source: str) -> Source:
 
 @dataclass(frozen=True)
 class Loaded:
-    model: Any  # a transformers causal LM, quantized layers dequantised
+    model: Any  # a transformers causal LM: packed QuantLinear layers, or dequantised ones
     tokenizer: Any
     manifest: Any  # lwq.pack.manifest.Manifest
     source: str  # as given
@@ -75,14 +75,19 @@ class Loaded:
     path: Path  # the local checkpoint folder
 
 
-def load(source: str | Path, device: str = "cpu") -> Loaded:
-    """A packed checkpoint as (model, tokenizer, manifest), from a folder or a registry URI."""
+def load(source: str | Path, device: str = "cpu", packed: bool = True) -> Loaded:
+    """A packed checkpoint as (model, tokenizer, manifest), from a folder or a registry URI.
+
+    ``packed`` (the default) keeps the quantized layers packed and computes from
+    their codes (``lwq.runtime``): the weights take about the checkpoint's bytes
+    and decoding reads fewer of them; ``packed=False`` dequantises every layer
+    into a float32 weight (the memory of the original model)."""
     from lwq.pack.checkpoint import load_quantized
 
     source = str(source)
     resolver = source_for(source)
     pinned = resolver.pin(source)
     path = resolver.fetch(pinned)
-    model, tokenizer, manifest = load_quantized(path, device=device)
+    model, tokenizer, manifest = load_quantized(path, device=device, packed_modules=packed)
     model.eval()
     return Loaded(model, tokenizer, manifest, source, pinned, path)

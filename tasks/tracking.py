@@ -70,7 +70,7 @@ class LwqCheckpointModel(PythonModel):  # type: ignore[misc]
 
         pointer = json.loads(Path(context.artifacts["pointer"]).read_text(encoding="utf-8"))
         ckpt = checkpoint_from_pointer(pointer)
-        self.model, self.tokenizer, self.manifest = load_quantized(ckpt)
+        self.model, self.tokenizer, self.manifest = load_quantized(ckpt, packed_modules=True)
         self.predictor = Predictor(self.model, self.tokenizer)
 
     # No type hints on predict: a hinted input would restrict the served payloads to

@@ -51,8 +51,16 @@ from lwq.pack.manifest import (
     Manifest,
     QuantizationInfo,
 )
+from lwq.runtime.module import HALF_DTYPES, HalfEmbedding, HalfLinear, QuantLinear
 
-__all__ = ["MANIFEST", "CheckpointWriter", "ChecksumError", "Manifest", "load_quantized"]
+__all__ = [
+    "MANIFEST",
+    "CheckpointWriter",
+    "ChecksumError",
+    "Manifest",
+    "QuantLinear",
+    "load_quantized",
+]
 
 log = logging.getLogger(__name__)
 
@@ -245,59 +253,17 @@ def iter_packed_layers(ckpt: Path, manifest: Manifest) -> Iterator[PackedLayer]:
             yield PackedLayer.from_entry(name, m, blob[m.offset : m.offset + m.nbytes])
 
 
-class QuantLinear(nn.Module):
-    """A linear layer that keeps its packed weight and dequantises it per call.
-
-    ``transposed`` reproduces GPT-2's Conv1D (y = x W + b with W (d_in, d_out))
-    so the module can stand in for either kind of layer.
-    """
-
-    def __init__(self, packed: PackedLayer, bias: torch.Tensor | None, transposed: bool) -> None:
-        super().__init__()
-        self.packed = packed
-        self.register_buffer("data", packed.data.clone(), persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.in_features, self.out_features = packed.shape[1], packed.shape[0]
-        self.transposed = transposed
-
-    def weight_fp(self) -> torch.Tensor:
-        """The dequantised (d_out, d_in) weight."""
-        p = self.packed
-        buf = self.data
-        assert isinstance(buf, torch.Tensor)
-        live = PackedLayer(
-            p.name,
-            p.shape,
-            p.lo,
-            p.hi,
-            p.n_hi,
-            p.n_hi_groups,
-            buf.cpu(),
-            p.sections,
-            p.mask_encoding,
-        )
-        return unpack_layer(live).dequantize().to(buf.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_fp().to(x.dtype)
-        return nn.functional.linear(x, w, self.bias)
-
-    def extra_repr(self) -> str:
-        hi = "" if self.packed.hi is None else f", hi={self.packed.hi.bits}b r={self.packed.n_hi}"
-        return (
-            f"in={self.in_features}, out={self.out_features}, "
-            f"lo={self.packed.lo.bits}b g{self.packed.lo.group_size}{hi}"
-        )
-
-
 def load_quantized(
     ckpt: Path, device: str = "cpu", packed_modules: bool = False, verify: bool = True
 ) -> tuple[Any, Any, Manifest]:
     """Rebuild a working Hugging Face model from a packed checkpoint.
 
-    By default every quantized layer gets its dequantised float32 weight;
-    with ``packed_modules`` it is replaced by a ``QuantLinear`` that keeps the
-    packed bytes. Returns (model, tokenizer, manifest).
+    By default every quantized layer gets its dequantised float32 weight.
+    With ``packed_modules`` it is replaced by a ``QuantLinear`` that computes
+    from its codes (``lwq.runtime``), and an input embedding or output head
+    stored in 16 bits stays 16-bit (``HalfEmbedding``, ``HalfLinear``), so the
+    loaded weights take about the checkpoint's bytes. Returns (model,
+    tokenizer, manifest).
     """
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
@@ -309,10 +275,12 @@ def load_quantized(
     config = AutoConfig.for_model(**manifest.config)
     model = empty_model(config, torch.float32)
     adapter = adapter_for(model)
+    keep_half = _embedding_weights(model) if packed_modules else set()
     rest: dict[str, torch.Tensor] = {}
     with safe_open(str(Path(ckpt) / REST_FILE), framework="pt") as f:
         for key in f.keys():
-            rest[key] = f.get_tensor(key).to(torch.float32)
+            value = f.get_tensor(key)
+            rest[key] = value if key in keep_half and value.dtype in HALF_DTYPES else value.float()
     for name, value in rest.items():
         set_tensor(model, name, nn.Parameter(value, requires_grad=False))
     for name in manifest.layers:
@@ -325,9 +293,43 @@ def load_quantized(
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise ModelLoadError(f"{ckpt}: the checkpoint lacks tensors {leftover[:5]}")
+    if packed_modules:
+        _half_embeddings(model)
     model.to(device)  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     return model, tokenizer, manifest
+
+
+def _embedding_weights(model: Any) -> set[str]:
+    """Names of the input embedding's and the output head's weights."""
+    names = set()
+    modules = {id(m): n for n, m in model.named_modules()}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None and id(module) in modules:
+            names.add(f"{modules[id(module)]}.weight")
+    return names
+
+
+def _half_embeddings(model: Any) -> None:
+    """Swap a 16-bit input embedding and output head for modules that compute in float32.
+
+    Only a plain ``nn.Embedding`` and ``nn.Linear`` are swapped; a subclass (Gemma's
+    scaled embedding) computes in its weight's dtype, so its weight becomes float32
+    (and so does a head tied to it)."""
+    emb = model.get_input_embeddings()
+    if emb is not None and emb.weight.dtype in HALF_DTYPES:
+        if type(emb) is nn.Embedding and emb.max_norm is None:
+            model.set_input_embeddings(HalfEmbedding(emb.weight, emb.padding_idx))
+        else:
+            half = emb.weight
+            full = nn.Parameter(half.float(), requires_grad=False)
+            for module in model.modules():
+                for name, p in list(module.named_parameters(recurse=False)):
+                    if p is half:
+                        setattr(module, name, full)
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and head.weight.dtype in HALF_DTYPES:
+        model.set_output_embeddings(HalfLinear(head.weight, head.bias))
 
 
 def _install_layer(

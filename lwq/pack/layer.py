@@ -33,18 +33,51 @@ from pathlib import Path
 
 import torch
 
-from lwq.errors import ChecksumError
+from lwq.errors import ChecksumError, ModelLoadError
 from lwq.pack.bits import pack_bits, packed_nbytes, unpack_bits
 from lwq.pack.manifest import FORMAT_VERSION, GridMeta, LayerEntry
 from lwq.pack.maskcode import (
     cheapest_encoding,
     decode_mask,
+    ef_nbytes,
     encode_mask,
     is_column_mask,
     mask_nbytes,
 )
 from lwq.quant.grid import GridSpec
 from lwq.quant.types import QuantizedWeight
+
+
+def section_sizes(
+    d_out: int,
+    d_in: int,
+    lo: GridSpec,
+    hi: GridSpec | None = None,
+    n_hi: int = 0,
+    n_hi_groups: int = 0,
+    mask_encoding: str = "elias_fano",
+) -> dict[str, int]:
+    """Each section's bytes, from the layer's shape and settings alone."""
+    n = d_out * d_in
+    n_groups = d_out * lo.n_groups(d_in)
+    sizes = {"codes_lo": packed_nbytes(n - n_hi, lo.bits)}
+    if hi is not None:
+        sizes["codes_hi"] = 2 * n_hi if hi.is_float else packed_nbytes(n_hi, hi.bits)
+    sizes["scales"] = 2 * n_groups
+    if not lo.symmetric:
+        sizes["zeros"] = packed_nbytes(n_groups, lo.bits)
+    if hi is None:
+        return sizes
+    if mask_encoding == "elias_fano":
+        sizes["mask_low"], sizes["mask_high"] = ef_nbytes(n_hi, n)
+    else:
+        key = "mask_cols" if mask_encoding == "columns" else "mask"
+        sizes[key] = mask_nbytes(mask_encoding, n_hi, (d_out, d_in))
+    if not hi.is_float:
+        sizes["hi_scales"] = 2 * n_hi_groups
+        if not hi.symmetric:
+            sizes["hi_zeros"] = packed_nbytes(n_hi_groups, hi.bits)
+    return sizes
 
 
 def payload_nbytes(
@@ -57,19 +90,7 @@ def payload_nbytes(
     mask_encoding: str = "elias_fano",
 ) -> int:
     """Bytes of one packed layer: the cost model of the format."""
-    n = d_out * d_in
-    n_groups = d_out * lo.n_groups(d_in)
-    total = packed_nbytes(n - n_hi, lo.bits) + 2 * n_groups
-    if not lo.symmetric:
-        total += packed_nbytes(n_groups, lo.bits)
-    if hi is not None and hi.is_float:
-        total += 2 * n_hi + mask_nbytes(mask_encoding, n_hi, (d_out, d_in))
-    elif hi is not None:
-        total += packed_nbytes(n_hi, hi.bits) + mask_nbytes(mask_encoding, n_hi, (d_out, d_in))
-        total += 2 * n_hi_groups
-        if not hi.symmetric:
-            total += packed_nbytes(n_hi_groups, hi.bits)
-    return total
+    return sum(section_sizes(d_out, d_in, lo, hi, n_hi, n_hi_groups, mask_encoding).values())
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,33 @@ class PackedLayer:
     @property
     def n_weights(self) -> int:
         return self.shape[0] * self.shape[1]
+
+    def check(self) -> None:
+        """Refuse a layer this version cannot read: another format version, or
+        sections whose sizes do not follow from the layer's shape and settings."""
+        if self.version != FORMAT_VERSION:
+            raise ModelLoadError(
+                f"layer {self.name}: packed format v{self.version}; this lwq reads "
+                f"v{FORMAT_VERSION} (install the lwq that wrote it, or re-quantize)"
+            )
+        want = section_sizes(
+            *self.shape,
+            self.lo,
+            self.hi,
+            self.n_hi,
+            self.n_hi_groups,
+            self.mask_encoding or "elias_fano",
+        )
+        got = {k: length for k, (_, length) in self.sections.items()}
+        if got != want:
+            wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+            detail = ", ".join(
+                f"{k} {got.get(k, 'missing')} (expected {want.get(k, 'none')})" for k in wrong
+            )
+            raise ChecksumError(
+                f"layer {self.name}: section sizes do not match its shape {self.shape} "
+                f"and grids: {detail}; the checkpoint is damaged"
+            )
 
     def section(self, name: str) -> torch.Tensor:
         off, length = self.sections[name]
@@ -224,6 +272,7 @@ def _active_groups(mask: torch.Tensor, grid: GridSpec) -> torch.Tensor:
 
 def unpack_layer(p: PackedLayer) -> QuantizedWeight:
     """Rebuild the exact ``QuantizedWeight`` that was packed."""
+    p.check()
     d_out, d_in = p.shape
     n = d_out * d_in
     lo, hi = p.lo, p.hi

@@ -1,0 +1,465 @@
+/* Kernels of lwq's packed layers on CPU: y = x W^T + b without a float weight.
+ *
+ * The layout is built by lwq/runtime/layout.py, which documents it; in short:
+ * each row of the low grid is n_groups groups of n_blocks blocks of 32 columns,
+ * a block of b-bit codes taking 4*b bytes:
+ *   b = 2: byte j (0..7), bits 2k..2k+1 hold column 8k + j;
+ *   b = 3: bytes 0..7 the low two bits as for b = 2, then bytes 8..11 the third
+ *          bit, byte 8 + k bit j for column 8k + j;
+ *   b = 4: byte j (0..15), bits 4k..4k+3 hold column 16k + j;
+ *   b = 8: byte j holds column j.
+ * So one vector load decodes eight or sixteen neighbouring columns with one
+ * shift and one mask. A group's weight is s * (q - z) with a float16 scale s
+ * and an integer zero z; the kernels compute s * (sum q x - z * sum x) per
+ * group. Weights on the high grid are a row-sorted list (column, code) with a
+ * float16 scale and integer zero per (row, high group), or float values for a
+ * float16 high grid; their places in the low grid hold the low zero, so they
+ * add nothing there.
+ *
+ * Built on first use by lwq/runtime/native.py (gcc -O3 -march=native -fopenmp)
+ * and called through ctypes; every function has a pure-torch twin in
+ * layout.py that the tests hold it equal to.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define BLOCK 32
+#define MAXM 8 /* activation rows per pass of the matrix-vector kernel */
+#define MAX_HI_GROUPS 1024
+#define ROW_CHUNK 64 /* rows per unit of work of the matrix-vector kernel */
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__F16C__)
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    uint32_t bits;
+    float f;
+    if (exp == 0) {
+        f = (float)man * 5.9604644775390625e-8f; /* subnormal: man * 2^-24 */
+        return sign ? -f : f;
+    }
+    if (exp == 31)
+        bits = sign | 0x7f800000u | (man << 13);
+    else
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#endif
+
+/* Eight lanes, written with GCC's vector extensions: the compiler maps them to
+ * AVX2, AVX-512, NEON or plain scalars, whatever the machine has. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+
+static inline v8f load8f(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline v8i load8u8(const uint8_t *p) {
+#if defined(__AVX2__) /* GCC 12 scalarises the generic widening below */
+    return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    v8u8 v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, v8i);
+#endif
+}
+
+static inline v8f to_float(v8i v) { return __builtin_convertvector(v, v8f); }
+
+/* The 32 codes of one block as four vectors of eight floats (columns 8k..8k+7). */
+static inline __attribute__((always_inline)) void decode_block(
+    const int bits, const uint8_t *restrict p, v8f q[4]) {
+    if (bits == 2) {
+        const v8i b = load8u8(p);
+        for (int k = 0; k < 4; k++) q[k] = to_float((b >> (2 * k)) & 3);
+    } else if (bits == 3) {
+        const v8i b = load8u8(p);
+        const v8i lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+        uint32_t word;
+        memcpy(&word, p + 8, sizeof word);
+        const v8u t = (v8u){} + word; /* the block's third bits, in every lane */
+        for (int k = 0; k < 4; k++) {
+            const v8i third = (v8i)(t >> (v8u)(lanes + 8 * k));
+            q[k] = to_float(((b >> (2 * k)) & 3) | ((third & 1) << 2));
+        }
+    } else if (bits == 4) {
+        const v8i b0 = load8u8(p), b1 = load8u8(p + 8);
+        q[0] = to_float(b0 & 15);
+        q[1] = to_float(b1 & 15);
+        q[2] = to_float(b0 >> 4);
+        q[3] = to_float(b1 >> 4);
+    } else {
+        for (int k = 0; k < 4; k++) q[k] = to_float(load8u8(p + 8 * k));
+    }
+}
+
+static inline float hsum(v8f v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+typedef struct {
+    int64_t n_out;       /* rows of W */
+    int64_t n_in;        /* columns of W */
+    int64_t bits;        /* low grid width: 2, 3, 4 or 8 */
+    int64_t group;       /* low group length in columns (the last group may be shorter) */
+    int64_t n_groups;    /* low groups per row */
+    int64_t n_blocks;    /* 32-column blocks of a whole group */
+    int64_t last_blocks; /* 32-column blocks of the last group */
+    const uint8_t *codes;     /* (n_out, row_blocks * 4 * bits) */
+    const uint16_t *scales;   /* (n_out, n_groups) float16 */
+    const uint8_t *zeros;     /* (n_out, n_groups) */
+    /* high grid; rowptr == NULL when the layer has none */
+    const int32_t *rowptr;    /* (n_out + 1) */
+    const uint16_t *cols;     /* (n_hi) column of each entry */
+    const uint8_t *hi_codes;  /* (n_hi): int8 code - zero (no hi_zeros) or uint8 codes; NULL
+                                 for float values */
+    const float *hi_values;   /* (n_hi) float16 high grid, or NULL */
+    const uint16_t *hi_scales; /* (n_out, hi_n_groups) float16 */
+    const uint8_t *hi_zeros;  /* (n_out, hi_n_groups), NULL when the codes are centred */
+    int64_t hi_group;
+    int64_t hi_n_groups;
+} layer_t;
+
+static inline int64_t row_blocks(const layer_t *L) {
+    return (L->n_groups - 1) * L->n_blocks + L->last_blocks;
+}
+
+static inline int64_t group_blocks(const layer_t *L, int64_t g) {
+    return g == L->n_groups - 1 ? L->last_blocks : L->n_blocks;
+}
+
+static inline float hi_weight(const layer_t *L, int64_t r, int64_t e) {
+    if (L->hi_values) return L->hi_values[e];
+    const int64_t g = r * L->hi_n_groups + L->cols[e] / L->hi_group;
+    const float s = half_to_float(L->hi_scales[g]);
+    if (!L->hi_zeros) return (float)(int8_t)L->hi_codes[e] * s;
+    return ((float)L->hi_codes[e] - (float)L->hi_zeros[g]) * s;
+}
+
+/* The first entry in [e, e1) whose column is at least limit (columns ascend). */
+static inline int64_t group_end(const uint16_t *cols, int64_t e, int64_t e1, int64_t limit) {
+    while (e < e1) {
+        const int64_t mid = e + (e1 - e) / 2;
+        if (cols[mid] < limit)
+            e = mid + 1;
+        else
+            e1 = mid;
+    }
+    return e;
+}
+
+/* Position of column c in the padded activation layout: every group padded to
+ * whole blocks (the identity when every group is a multiple of 32 columns). */
+static inline int64_t padded_col(const layer_t *L, int64_t c) {
+    const int64_t gp = L->n_blocks * BLOCK;
+    if (gp == L->group) return c;
+    return (c / L->group) * gp + c % L->group;
+}
+
+/* The kernels' bodies take the width (and for one sequence the batch) as
+ * constants, and each specialisation is its own function: OpenMP outlines a
+ * parallel loop before the compiler inlines, so the loops below only split
+ * rows among threads and call the specialised function. */
+typedef struct {
+    const layer_t *L;
+    const float *x;
+    int64_t m, ldx;
+    const float *xsum, *bias;
+    float *y;
+    int64_t ldy;
+} call_t;
+
+static inline __attribute__((always_inline)) void matvec_impl(
+    const int bits, const int64_t m, const call_t *C, int64_t r0, int64_t r1) {
+    const layer_t *L = C->L;
+    const float *restrict x = C->x;
+    const int64_t ldx = C->ldx;
+    const int64_t block_bytes = 4 * bits;
+    const int64_t row_bytes = row_blocks(L) * block_bytes;
+    const int64_t gp = L->n_blocks * BLOCK;
+    /* the common case: centred integer codes, power-of-two high groups, no padding */
+    int shift = 0;
+    while (shift < 30 && (1LL << shift) < L->hi_group) shift++;
+    const int centred = L->hi_codes && !L->hi_zeros && L->n_blocks * BLOCK == L->group &&
+                        (1LL << shift) == L->hi_group && L->hi_n_groups <= MAX_HI_GROUPS;
+    for (int64_t r = r0; r < r1; r++) {
+        float out[MAXM];
+        v8f vout[MAXM]; /* the groups' scaled sums, reduced once per row */
+        for (int64_t i = 0; i < m; i++) {
+            out[i] = C->bias ? C->bias[r] : 0.0f;
+            vout[i] = (v8f){};
+        }
+        const uint8_t *pr = L->codes + r * row_bytes;
+        for (int64_t g = 0; g < L->n_groups; g++) {
+            v8f acc[MAXM][4];
+            for (int64_t i = 0; i < m; i++)
+                for (int k = 0; k < 4; k++) acc[i][k] = (v8f){};
+            const int64_t nb = group_blocks(L, g);
+            for (int64_t b = 0; b < nb; b++) {
+                v8f q[4];
+                decode_block(bits, pr + (g * L->n_blocks + b) * block_bytes, q);
+                const float *xb = x + g * gp + b * BLOCK;
+                for (int64_t i = 0; i < m; i++)
+                    for (int k = 0; k < 4; k++)
+                        acc[i][k] += load8f(xb + i * ldx + 8 * k) * q[k];
+            }
+            const float s = half_to_float(L->scales[r * L->n_groups + g]);
+            const float z = (float)L->zeros[r * L->n_groups + g];
+            for (int64_t i = 0; i < m; i++) {
+                vout[i] += ((acc[i][0] + acc[i][1]) + (acc[i][2] + acc[i][3])) * s;
+                out[i] -= s * z * C->xsum[i * L->n_groups + g];
+            }
+        }
+        for (int64_t i = 0; i < m; i++) out[i] += hsum(vout[i]);
+        if (L->rowptr) {
+            const int64_t e0 = L->rowptr[r], e1 = L->rowptr[r + 1];
+            if (m == 1 && centred) { /* scale of each entry from a per-row table */
+                const int8_t *hc = (const int8_t *)L->hi_codes;
+                float hs[MAX_HI_GROUPS];
+                for (int64_t g = 0; g < L->hi_n_groups; g++)
+                    hs[g] = half_to_float(L->hi_scales[r * L->hi_n_groups + g]);
+                int64_t e = e0;
+                v8f acc = {};
+#if defined(__AVX2__)
+                for (; e + 8 <= e1; e += 8) {
+                    const __m256i c = _mm256_cvtepu16_epi32(
+                        _mm_loadu_si128((const __m128i *)(L->cols + e)));
+                    const __m256 xv = _mm256_i32gather_ps(x, c, 4);
+                    const __m256 sv = _mm256_i32gather_ps(hs, _mm256_srli_epi32(c, shift), 4);
+                    const __m256i q = _mm256_cvtepi8_epi32(
+                        _mm_loadl_epi64((const __m128i *)(hc + e)));
+                    acc += (v8f)_mm256_cvtepi32_ps(q) * (v8f)sv * (v8f)xv;
+                }
+#endif
+                float p0 = 0.0f, p1 = 0.0f;
+                for (; e + 2 <= e1; e += 2) {
+                    p0 += (float)hc[e] * hs[L->cols[e] >> shift] * x[L->cols[e]];
+                    p1 += (float)hc[e + 1] * hs[L->cols[e + 1] >> shift] * x[L->cols[e + 1]];
+                }
+                if (e < e1) p0 += (float)hc[e] * hs[L->cols[e] >> shift] * x[L->cols[e]];
+                out[0] += hsum(acc) + (p0 + p1);
+            } else {
+                for (int64_t e = e0; e < e1; e++) {
+                    const float w = hi_weight(L, r, e);
+                    const int64_t c = padded_col(L, L->cols[e]);
+                    for (int64_t i = 0; i < m; i++) out[i] += w * x[i * ldx + c];
+                }
+            }
+        }
+        for (int64_t i = 0; i < m; i++) C->y[i * C->ldy + r] = out[i];
+    }
+}
+
+static inline __attribute__((always_inline)) void dequant_impl(
+    const int bits, const layer_t *L, float *restrict w, int64_t ldw, int64_t r0, int64_t r1) {
+    const int64_t block_bytes = 4 * bits;
+    const int64_t row_bytes = row_blocks(L) * block_bytes;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *pr = L->codes + r * row_bytes;
+        float *wr = w + r * ldw;
+        for (int64_t g = 0; g < L->n_groups; g++) {
+            const float s = half_to_float(L->scales[r * L->n_groups + g]);
+            const float z = (float)L->zeros[r * L->n_groups + g];
+            const int64_t c0 = g * L->group;
+            int64_t len = L->n_in - c0 < L->group ? L->n_in - c0 : L->group;
+            for (int64_t b = 0; len > 0; b++) {
+                v8f q[4];
+                decode_block(bits, pr + (g * L->n_blocks + b) * block_bytes, q);
+                const int64_t n = len < BLOCK ? len : BLOCK;
+                float *restrict dst = wr + c0 + b * BLOCK;
+                if (n == BLOCK) {
+                    for (int k = 0; k < 4; k++) {
+                        const v8f v = (q[k] - z) * s;
+                        memcpy(dst + 8 * k, &v, sizeof v);
+                    }
+                } else {
+                    for (int64_t c = 0; c < n; c++) dst[c] = s * (q[c / 8][c % 8] - z);
+                }
+                len -= n;
+            }
+        }
+        if (L->rowptr)
+            for (int64_t e = L->rowptr[r]; e < L->rowptr[r + 1]; e++)
+                wr[L->cols[e]] = hi_weight(L, r, e);
+    }
+}
+
+typedef void (*matvec_fn)(const call_t *, int64_t, int64_t);
+typedef void (*dequant_fn)(const layer_t *, float *, int64_t, int64_t, int64_t);
+
+#define SPECIALISE(B)                                                                     \
+    static void matvec_##B##_1(const call_t *C, int64_t r0, int64_t r1) {                 \
+        matvec_impl(B, 1, C, r0, r1);                                                     \
+    }                                                                                     \
+    static void matvec_##B##_m(const call_t *C, int64_t r0, int64_t r1) {                 \
+        matvec_impl(B, C->m, C, r0, r1);                                                  \
+    }                                                                                     \
+    static void dequant_##B(const layer_t *L, float *w, int64_t ldw, int64_t r0, int64_t r1) { \
+        dequant_impl(B, L, w, ldw, r0, r1);                                               \
+    }
+SPECIALISE(2)
+SPECIALISE(3)
+SPECIALISE(4)
+SPECIALISE(8)
+
+static inline void split_rows(int64_t n, int64_t *r0, int64_t *r1) {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    *r0 = n * t / nt;
+    *r1 = n * (t + 1) / nt;
+}
+
+/* y (m, n_out) = x W^T + bias, 1 <= m <= MAXM, x (m, row_blocks * 32) in the
+ * padded layout (zeros in the padding; x itself when every group is a multiple
+ * of 32 columns). */
+void lwq_matvec(const layer_t *L, const float *x, int64_t m, int64_t ldx, const float *bias,
+                float *y, int64_t ldy, int threads) {
+    float xsum[MAXM * 64];
+    float *sums = m * L->n_groups <= MAXM * 64 ? xsum : malloc(sizeof(float) * m * L->n_groups);
+    if (!sums) return;
+    const int64_t gp = L->n_blocks * BLOCK;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t g = 0; g < L->n_groups; g++) {
+            const float *xg = x + i * ldx + g * gp;
+            float t = 0.0f;
+            for (int64_t c = 0; c < group_blocks(L, g) * BLOCK; c++) t += xg[c];
+            sums[i * L->n_groups + g] = t;
+        }
+    const call_t C = {L, x, m, ldx, sums, bias, y, ldy};
+    matvec_fn fn;
+    switch (L->bits) {
+        case 2: fn = m == 1 ? matvec_2_1 : matvec_2_m; break;
+        case 3: fn = m == 1 ? matvec_3_1 : matvec_3_m; break;
+        case 4: fn = m == 1 ? matvec_4_1 : matvec_4_m; break;
+        default: fn = m == 1 ? matvec_8_1 : matvec_8_m; break;
+    }
+    /* rows in chunks handed out as threads finish: the high-impact entries are
+     * spread unevenly over rows */
+    const int64_t n_chunks = (L->n_out + ROW_CHUNK - 1) / ROW_CHUNK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t k = 0; k < n_chunks; k++) {
+        const int64_t r1 = (k + 1) * ROW_CHUNK;
+        fn(&C, k * ROW_CHUNK, r1 < L->n_out ? r1 : L->n_out);
+    }
+    if (sums != xsum) free(sums);
+}
+
+/* w (n_out, n_in), row stride ldw: the layer's float weight. */
+void lwq_dequantize(const layer_t *L, float *w, int64_t ldw, int threads) {
+    dequant_fn fn;
+    switch (L->bits) {
+        case 2: fn = dequant_2; break;
+        case 3: fn = dequant_3; break;
+        case 4: fn = dequant_4; break;
+        default: fn = dequant_8; break;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t r0, r1;
+        split_rows(L->n_out, &r0, &r1);
+        fn(L, w, ldw, r0, r1);
+    }
+}
+
+/* 16-bit float weights (an embedding kept in its stored dtype and used as the
+ * output head): eight weights to eight floats, float16 or bfloat16. */
+static inline v8f load8h(const uint16_t *p, const int bf16) {
+    if (bf16) {
+#if defined(__AVX2__)
+        const v8i w = (v8i)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+#else
+        v8i w;
+        for (int i = 0; i < 8; i++) w[i] = p[i];
+#endif
+        return (v8f)(w << 16);
+    }
+#if defined(__F16C__)
+    return (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    v8f v;
+    for (int i = 0; i < 8; i++) v[i] = half_to_float(p[i]);
+    return v;
+#endif
+}
+
+typedef struct {
+    const uint16_t *w;
+    int64_t n_out, n_in;
+    const float *x;
+    int64_t m, ldx;
+    const float *bias;
+    float *y;
+    int64_t ldy;
+} half_call_t;
+
+static inline __attribute__((always_inline)) void half_impl(
+    const int bf16, const int64_t m, const half_call_t *C, int64_t r0, int64_t r1) {
+    const int64_t whole = C->n_in / 8 * 8;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *wr = C->w + r * C->n_in;
+        v8f acc[MAXM][2];
+        for (int64_t i = 0; i < m; i++) acc[i][0] = acc[i][1] = (v8f){};
+        int64_t c = 0;
+        for (; c + 16 <= whole; c += 16) {
+            const v8f w0 = load8h(wr + c, bf16), w1 = load8h(wr + c + 8, bf16);
+            for (int64_t i = 0; i < m; i++) {
+                acc[i][0] += load8f(C->x + i * C->ldx + c) * w0;
+                acc[i][1] += load8f(C->x + i * C->ldx + c + 8) * w1;
+            }
+        }
+        for (; c < whole; c += 8) {
+            const v8f w0 = load8h(wr + c, bf16);
+            for (int64_t i = 0; i < m; i++) acc[i][0] += load8f(C->x + i * C->ldx + c) * w0;
+        }
+        for (int64_t i = 0; i < m; i++) {
+            float t = hsum(acc[i][0] + acc[i][1]);
+            for (int64_t k = whole; k < C->n_in; k++) {
+                const uint16_t h = wr[k];
+                uint32_t bits = (uint32_t)h << 16;
+                float w;
+                if (bf16)
+                    memcpy(&w, &bits, sizeof w);
+                else
+                    w = half_to_float(h);
+                t += w * C->x[i * C->ldx + k];
+            }
+            C->y[i * C->ldy + r] = t + (C->bias ? C->bias[r] : 0.0f);
+        }
+    }
+}
+
+typedef void (*half_fn)(const half_call_t *, int64_t, int64_t);
+static void half_f16_1(const half_call_t *C, int64_t r0, int64_t r1) { half_impl(0, 1, C, r0, r1); }
+static void half_f16_m(const half_call_t *C, int64_t r0, int64_t r1) { half_impl(0, C->m, C, r0, r1); }
+static void half_bf16_1(const half_call_t *C, int64_t r0, int64_t r1) { half_impl(1, 1, C, r0, r1); }
+static void half_bf16_m(const half_call_t *C, int64_t r0, int64_t r1) { half_impl(1, C->m, C, r0, r1); }
+
+/* y (m, n_out) = x W^T + bias for a 16-bit W (n_out, n_in), 1 <= m <= MAXM. */
+void lwq_half_matvec(const uint16_t *w, int64_t n_out, int64_t n_in, int bf16, const float *x,
+                     int64_t m, int64_t ldx, const float *bias, float *y, int64_t ldy,
+                     int threads) {
+    const half_call_t C = {w, n_out, n_in, x, m, ldx, bias, y, ldy};
+    const half_fn fn = bf16 ? (m == 1 ? half_bf16_1 : half_bf16_m)
+                            : (m == 1 ? half_f16_1 : half_f16_m);
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t r0, r1;
+        split_rows(n_out, &r0, &r1);
+        fn(&C, r0, r1);
+    }
+}
+
+int lwq_abi_version(void) { return 1; }

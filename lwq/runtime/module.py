@@ -1,0 +1,197 @@
+"""``QuantLinear``: a linear layer that computes from its packed weight."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lwq.pack.layer import PackedLayer, unpack_layer
+from lwq.runtime import layout as torch_path
+from lwq.runtime import native
+from lwq.runtime.layout import BLOCK, Layout, build_layout
+
+
+class QuantLinear(nn.Module):
+    """Stands in for a quantized ``nn.Linear`` (or GPT-2's ``Conv1D``) and keeps
+    only its codes, scales and high-impact entries (``lwq.runtime.layout``).
+
+    On CPU with the native kernels, a call with at most ``native.MAX_ROWS``
+    token rows (decoding) multiplies straight from the codes; a longer one
+    (prefill, evaluation) dequantises the weight into a temporary and uses the
+    float matrix product, so the float weight never stays in memory. Elsewhere
+    (CUDA, no compiler) the pure-torch path dequantises and multiplies.
+    ``transposed`` records that the original was a ``Conv1D``: the computed
+    function, x W^T + b with W (out, in), is the same.
+    """
+
+    def __init__(self, packed: PackedLayer, bias: torch.Tensor | None, transposed: bool) -> None:
+        super().__init__()
+        layout = build_layout(packed.name, unpack_layer(packed))
+        self.name = packed.name
+        self.lo, self.hi, self.n_hi = packed.lo, packed.hi, packed.n_hi
+        self.in_features, self.out_features = packed.shape[1], packed.shape[0]
+        self.transposed = transposed
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._empty = layout.with_tensors({k: torch.empty(0) for k in layout.tensors()})
+        for key, value in layout.tensors().items():
+            self.register_buffer(key, value, persistent=False)
+        self._layout: Layout | None = layout
+        self._c: Any = None  # the C view of the buffers, made on the first native call
+        self._bound: tuple[Any, ...] | None = None
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            tensors = {k: getattr(self, k) for k in self._empty.tensors()}
+            self._layout = self._empty.with_tensors(tensors)
+        return self._layout
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight in memory (the bias not included)."""
+        return self.layout.nbytes
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> QuantLinear:
+        # Buffers may move (``.to(device)``); the C view would point at the old ones.
+        # Codes, scales and zeros keep their dtypes: only the bias follows a dtype cast.
+        self._c = self._layout = self._bound = None
+        keep = {k: getattr(self, k) for k in self._empty.tensors()}
+        super()._apply(fn, recurse)
+        for key, before in keep.items():
+            after = getattr(self, key)
+            if after.dtype != before.dtype:
+                setattr(self, key, after.to(before.dtype))
+        return self
+
+    def weight_fp(self) -> torch.Tensor:
+        """The dequantised (out, in) float32 weight."""
+        kernels = native.kernels() if self.codes.device.type == "cpu" else None
+        if kernels is None:
+            return torch_path.dequantize(self.layout)
+        return kernels.dequantize(self._c_view(kernels), self.layout)
+
+    def _c_view(self, kernels: native.Kernels) -> Any:
+        if self._c is None:
+            self._c = kernels.describe(self.layout)
+        return self._c
+
+    def _matvec(self, kernels: native.Kernels) -> Callable[..., torch.Tensor]:
+        """The native call with everything but the activations bound (decoding calls it
+        once per layer and token, so the Python around it is kept short)."""
+        if self._bound is None or self._bound[0] is not kernels:
+            c = self._c_view(kernels)
+            bias = None if self.bias is None else self.bias.detach().float().contiguous()
+            fn, addr = kernels.lib.lwq_matvec, ctypes.addressof(c)
+            n_in, n_out = self.in_features, self.out_features
+            pad = None if self.layout.row_blocks * BLOCK == n_in else self.layout.pad_input
+            bias_ptr = None if bias is None else bias.data_ptr()
+
+            def call(x: torch.Tensor, m: int, shape: tuple[int, ...]) -> torch.Tensor:
+                """x: m rows of n_in float32, contiguous -> a new tensor of ``shape``."""
+                if pad is not None:
+                    x = pad(x.reshape(m, n_in))
+                y = torch.empty(shape)
+                fn(
+                    addr,
+                    x.data_ptr(),
+                    m,
+                    x.shape[-1] if pad is not None else n_in,
+                    bias_ptr,
+                    y.data_ptr(),
+                    n_out,
+                    torch.get_num_threads(),
+                )
+                return y
+
+            self._bound = (kernels, call, c, bias)  # c and bias: alive as long as call
+        return self._bound[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Decoding calls this once per layer and token: the fast path is kept short
+        # (each torch call costs microseconds; a token makes hundreds of these calls).
+        if x.is_cpu and x.numel() <= native.MAX_ROWS * self.in_features:
+            kernels = native.kernels()
+            if kernels is not None:
+                if x.dtype is not torch.float32 or not x.is_contiguous():
+                    return self.forward(x.float().contiguous()).to(x.dtype)
+                bound = self._bound
+                call = bound[1] if bound is not None and bound[0] is kernels else None
+                m = x.numel() // self.in_features
+                return (call or self._matvec(kernels))(x, m, (*x.shape[:-1], self.out_features))
+        rows = x.reshape(-1, self.in_features)
+        w = self.weight_fp().to(x.dtype)
+        y = nn.functional.linear(rows, w, None if self.bias is None else self.bias.to(x.dtype))
+        return y.view((*x.shape[:-1], self.out_features))
+
+    def extra_repr(self) -> str:
+        hi = "" if self.hi is None else f", hi={self.hi.bits}b r={self.n_hi}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, "
+            f"lo={self.lo.bits}b g{self.lo.group_size}{hi}"
+        )
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class HalfEmbedding(nn.Module):
+    """An embedding kept in its stored 16-bit dtype that returns float32 rows."""
+
+    def __init__(self, weight: torch.Tensor | nn.Parameter, padding_idx: int | None = None) -> None:
+        super().__init__()
+        assert weight.dtype in HALF_DTYPES
+        if not isinstance(weight, nn.Parameter):
+            weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.weight = weight  # shared with a tied output head
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight).float()
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> HalfEmbedding:
+        return _keep_dtype(self, super()._apply, fn, recurse)
+
+
+class HalfLinear(nn.Module):
+    """A linear layer (the output head) whose weight stays 16-bit; it computes in float32.
+
+    Decoding multiplies straight from the 16-bit weight with the native kernel
+    (half the bytes of float32 to read per token); longer inputs convert the
+    weight into a float32 temporary.
+    """
+
+    def __init__(self, weight: torch.Tensor | nn.Parameter, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        assert weight.dtype in HALF_DTYPES
+        if not isinstance(weight, nn.Parameter):
+            weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.weight = weight  # may be the input embedding's (tied)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features).float()
+        kernels = native.kernels() if x.device.type == "cpu" else None
+        if kernels is not None and rows.shape[0] <= native.MAX_ROWS:
+            y = kernels.half_matvec(self.weight, rows, self.bias)
+        else:
+            y = nn.functional.linear(rows, self.weight.float(), self.bias)
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> HalfLinear:
+        return _keep_dtype(self, super()._apply, fn, recurse)
+
+
+def _keep_dtype(module: Any, apply: Callable[..., Any], fn: Any, recurse: bool) -> Any:
+    """``module.to(device)`` moves the 16-bit weight; a dtype cast leaves it 16-bit."""
+    dtype = module.weight.dtype
+    apply(fn, recurse)
+    if module.weight.dtype != dtype:
+        module.weight = nn.Parameter(module.weight.to(dtype), requires_grad=False)
+    return module

@@ -1,0 +1,253 @@
+"""The native CPU kernels of packed layers: built on first use, else pure torch.
+
+``kernels.c`` is compiled once per machine with the system C compiler
+(``gcc -O3 -march=native -fopenmp``; about a second) into a cache folder and
+called through ``ctypes``, so installing lwq stays one ``pip install`` with no
+build step and no torch headers. The library is keyed by the source's hash and
+the CPU's flags, so a cache folder shared between machines never hands one
+machine another's instructions. Where no compiler is found or the build fails,
+packed layers compute with the pure-torch path of ``lwq.runtime.layout`` and
+one warning says so.
+
+Settings (environment):
+
+- ``LWQ_KERNELS``: ``auto`` (default: native if it builds), ``native`` (an
+  error if it does not), ``torch`` (never build);
+- ``LWQ_KERNEL_CACHE``: where built libraries go (default
+  ``~/.cache/lwq/kernels``);
+- ``CC``: the compiler (default ``gcc``, else ``cc``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from lwq.errors import ConfigError
+from lwq.runtime.layout import Layout
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+MODES = ("auto", "native", "torch")
+MAX_ROWS = 8  # activation rows per call of the matrix-vector kernel (MAXM in kernels.c)
+ABI_VERSION = 1
+
+
+class _LayerT(ctypes.Structure):
+    _fields_ = [
+        ("n_out", ctypes.c_int64),
+        ("n_in", ctypes.c_int64),
+        ("bits", ctypes.c_int64),
+        ("group", ctypes.c_int64),
+        ("n_groups", ctypes.c_int64),
+        ("n_blocks", ctypes.c_int64),
+        ("last_blocks", ctypes.c_int64),
+        ("codes", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("rowptr", ctypes.c_void_p),
+        ("cols", ctypes.c_void_p),
+        ("hi_codes", ctypes.c_void_p),
+        ("hi_values", ctypes.c_void_p),
+        ("hi_scales", ctypes.c_void_p),
+        ("hi_zeros", ctypes.c_void_p),
+        ("hi_group", ctypes.c_int64),
+        ("hi_n_groups", ctypes.c_int64),
+    ]
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("LWQ_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ConfigError(f"LWQ_KERNELS={mode!r}: choose one of {', '.join(MODES)}")
+    return mode
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.system()}-{platform.machine()}-{flags}"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "gcc", "cc"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def library_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_key().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LWQ_KERNEL_CACHE", Path.home() / ".cache" / "lwq" / "kernels"))
+    return cache.expanduser() / f"lwq_kernels-{digest}.so"
+
+
+def build(target: Path) -> None:
+    """Compile ``kernels.c`` into ``target`` (atomically: a failed build leaves nothing)."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set CC, or install gcc)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o"]
+        done = subprocess.run([*cmd, str(out)], capture_output=True, text=True)
+        if done.returncode != 0 and "march" in done.stderr:  # a compiler without -march=native
+            cmd.remove("-march=native")
+            done = subprocess.run([*cmd, str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(out, target)
+
+
+class Kernels:
+    """The loaded library."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        if lib.lwq_abi_version() != ABI_VERSION:
+            raise OSError(f"{path}: kernel ABI {lib.lwq_abi_version()}, expected {ABI_VERSION}")
+        ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.lwq_matvec.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, cint]
+        lib.lwq_matvec.restype = None
+        lib.lwq_dequantize.argtypes = [ptr, ptr, i64, cint]
+        lib.lwq_dequantize.restype = None
+        lib.lwq_half_matvec.argtypes = [ptr, i64, i64, cint, ptr, i64, i64, ptr, ptr, i64, cint]
+        lib.lwq_half_matvec.restype = None
+        self.lib = lib
+        self.path = path
+
+    @staticmethod
+    def describe(L: Layout) -> _LayerT:
+        """The C view of a CPU layout; it borrows the tensors' memory."""
+
+        def addr(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            assert t.device.type == "cpu" and t.is_contiguous()
+            return t.data_ptr()
+
+        return _LayerT(
+            L.n_out,
+            L.n_in,
+            L.bits,
+            L.group,
+            L.n_groups,
+            L.n_blocks,
+            L.last_blocks,
+            addr(L.codes),
+            addr(L.scales),
+            addr(L.zeros),
+            addr(L.rowptr),
+            addr(L.cols),
+            addr(L.hi_codes),
+            addr(L.hi_values),
+            addr(L.hi_scales),
+            addr(L.hi_zeros),
+            L.hi_group,
+            0 if L.hi_scales is None else L.hi_scales.shape[1],
+        )
+
+    def dequantize(self, c_layer: _LayerT, L: Layout) -> torch.Tensor:
+        w = torch.empty(L.n_out, L.n_in, dtype=torch.float32)
+        self.lib.lwq_dequantize(
+            ctypes.byref(c_layer), w.data_ptr(), L.n_in, torch.get_num_threads()
+        )
+        return w
+
+    def matvec(
+        self, c_layer: _LayerT, L: Layout, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (m, n_in) float32, m <= MAX_ROWS -> (m, n_out)."""
+        m = x.shape[0]
+        x = L.pad_input(x.contiguous())
+        y = torch.empty(m, L.n_out, dtype=torch.float32)
+        self.lib.lwq_matvec(
+            ctypes.byref(c_layer),
+            x.data_ptr(),
+            m,
+            x.shape[1],
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            L.n_out,
+            torch.get_num_threads(),
+        )
+        return y
+
+    def half_matvec(
+        self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (m, n_in) float32 times a float16 or bfloat16 w (n_out, n_in), m <= MAX_ROWS."""
+        assert w.dtype in (torch.float16, torch.bfloat16) and w.is_contiguous()
+        x = x.contiguous()
+        m, (n_out, n_in) = x.shape[0], w.shape
+        y = torch.empty(m, n_out, dtype=torch.float32)
+        self.lib.lwq_half_matvec(
+            w.data_ptr(),
+            n_out,
+            n_in,
+            int(w.dtype == torch.bfloat16),
+            x.data_ptr(),
+            m,
+            x.shape[1],
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            n_out,
+            torch.get_num_threads(),
+        )
+        return y
+
+
+_lock = threading.Lock()
+_loaded: Kernels | None = None
+_failed: str | None = None
+
+
+def kernels() -> Kernels | None:
+    """The native kernels, building them on first use; None means the torch path."""
+    global _loaded, _failed
+    mode = kernel_mode()
+    if mode == "torch":
+        return None
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is not None or (_failed is not None and mode == "auto"):
+            return _loaded
+        path = library_path()
+        try:
+            if not path.is_file():
+                log.info("building lwq's native kernels into %s", path)
+                build(path)
+            _loaded = Kernels(path)
+        except OSError as err:
+            _failed = str(err)
+            if mode == "native":
+                raise ConfigError(
+                    f"LWQ_KERNELS=native but the native kernels did not build: {err}"
+                ) from err
+            warnings.warn(
+                f"lwq: packed layers use the pure-torch path (slower): the native kernels "
+                f"did not build ({err}). Install gcc, or set LWQ_KERNELS=torch to skip them.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return _loaded
