@@ -154,7 +154,7 @@ def bench_model(args: argparse.Namespace, model: str) -> list[dict[str, Any]]:
     ids = inputs(loaded["float32 original"], args.prefill)
     prompt = inputs(loaded["float32 original"], PROMPT)
     times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in loaded}
-    for name, m in loaded.items():  # warm up: kernels built, caches allocated
+    for m in loaded.values():  # warm up: kernels built, caches allocated
         prefill_seconds(m, ids[:, :64])
         decode_seconds(m, prompt, 2)
     for rep in range(args.repeats):
