@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import sys
 import time
@@ -43,9 +41,13 @@ METHOD = {"lwq 2.5": 2.5, "lwq 3.0": 3.0}
 PROMPT = 32
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def status_mib(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process; the peak is per process image,
+    where ru_maxrss keeps the parent's peak across fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -102,16 +104,16 @@ def memory_child(kind: str, path: Path, prefill: int, decode: int) -> dict[str, 
 
     import lwq.pack.checkpoint  # noqa: F401
 
-    base = rss_mib()
+    base = status_mib("VmRSS")
     model = load(kind, path)
-    loaded = rss_mib()
+    loaded = status_mib("VmRSS")
     prefill_seconds(model, inputs(model, prefill))
     decode_seconds(model, inputs(model, PROMPT), decode)
     return {
         "weight_bytes": weight_bytes(model),
         "disk_bytes": disk_bytes(path),
         "load_rss_mib": loaded - base,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": status_mib("VmHWM"),
     }
 
 

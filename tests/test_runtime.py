@@ -202,3 +202,13 @@ def test_a_packed_model_decodes_like_the_dequantised_one(
             seen.add(t.data_ptr())
             held += t.numel() * t.element_size()
     assert held <= 1.2 * files, (held, files)
+
+
+def test_entries_too_wide_for_16_bits(kernel_path: str) -> None:
+    packed, ref = _layer((6, 4100), 2, -1, "sparse", 4)  # 13 column bits + 5 code bits
+    layer = QuantLinear(packed, None, transposed=False)
+    assert layer.layout.hi_entries is not None and layer.layout.hi_entries.dtype == torch.int32
+    assert torch.equal(layer.weight_fp(), ref)
+    for rows in (1, 2, 30):
+        x = torch.randn(rows, 4100)
+        torch.testing.assert_close(layer(x), x @ ref.T, rtol=0, atol=1e-3)

@@ -52,6 +52,7 @@ from lwq.pack.manifest import (
     QuantizationInfo,
 )
 from lwq.runtime.module import HALF_DTYPES, HalfEmbedding, HalfLinear, QuantLinear
+from lwq.runtime.native import release_freed_memory
 
 __all__ = [
     "MANIFEST",
@@ -285,8 +286,10 @@ def load_quantized(
         set_tensor(model, name, nn.Parameter(value, requires_grad=False))
     for name in manifest.layers:
         set_tensor(model, f"{name}.weight", nn.Parameter(torch.empty(0), requires_grad=False))
-    for packed in iter_packed_layers(ckpt, manifest):
+    for i, packed in enumerate(iter_packed_layers(ckpt, manifest)):
         _install_layer(model, adapter, packed, rest.get(f"{packed.name}.bias"), packed_modules)
+        if packed_modules and i % 8 == 7:  # the rearranging's temporaries, back to the system
+            release_freed_memory()
     for target, source in tied_sources(model).items():
         if target not in rest:
             set_tensor(model, target, model.get_parameter(source))
@@ -295,6 +298,7 @@ def load_quantized(
         raise ModelLoadError(f"{ckpt}: the checkpoint lacks tensors {leftover[:5]}")
     if packed_modules:
         _half_embeddings(model)
+        release_freed_memory()
     model.to(device)  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     return model, tokenizer, manifest

@@ -27,7 +27,6 @@
 
 #define BLOCK 32
 #define MAXM 8 /* activation rows per pass of the matrix-vector kernel */
-#define MAX_HI_GROUPS 1024
 #define ROW_CHUNK 64 /* rows per unit of work of the matrix-vector kernel */
 
 #if defined(__AVX2__) || defined(__F16C__)
@@ -123,15 +122,15 @@ typedef struct {
     const uint16_t *scales;   /* (n_out, n_groups) float16 */
     const uint8_t *zeros;     /* (n_out, n_groups) */
     /* high grid; rowptr == NULL when the layer has none */
-    const int32_t *rowptr;    /* (n_out + 1) */
-    const uint16_t *cols;     /* (n_hi) column of each entry */
-    const uint8_t *hi_codes;  /* (n_hi): int8 code - zero (no hi_zeros) or uint8 codes; NULL
-                                 for float values */
-    const float *hi_values;   /* (n_hi) float16 high grid, or NULL */
-    const uint16_t *hi_scales; /* (n_out, hi_n_groups) float16 */
-    const uint8_t *hi_zeros;  /* (n_out, hi_n_groups), NULL when the codes are centred */
+    const int32_t *rowptr;     /* (n_out + 1) first entry of each row */
+    const uint16_t *hi_counts; /* (n_out, hi_n_groups) entries per (row, high group) */
+    const void *hi_entries;    /* (n_hi) uint16, or uint32 when hi_wide */
+    const uint16_t *hi_scales; /* (n_out, hi_n_groups) float16, integer grids */
+    const float *hi_values;    /* (n_hi) float16 high grid, or NULL */
     int64_t hi_group;
     int64_t hi_n_groups;
+    int64_t hi_code_bits;      /* an entry: column in group << bits | code - zero + 2^(bits-1) */
+    int64_t hi_wide;
 } layer_t;
 
 static inline int64_t row_blocks(const layer_t *L) {
@@ -142,24 +141,18 @@ static inline int64_t group_blocks(const layer_t *L, int64_t g) {
     return g == L->n_groups - 1 ? L->last_blocks : L->n_blocks;
 }
 
-static inline float hi_weight(const layer_t *L, int64_t r, int64_t e) {
-    if (L->hi_values) return L->hi_values[e];
-    const int64_t g = r * L->hi_n_groups + L->cols[e] / L->hi_group;
-    const float s = half_to_float(L->hi_scales[g]);
-    if (!L->hi_zeros) return (float)(int8_t)L->hi_codes[e] * s;
-    return ((float)L->hi_codes[e] - (float)L->hi_zeros[g]) * s;
+static inline uint32_t hi_entry(const layer_t *L, int64_t e) {
+    return L->hi_wide ? ((const uint32_t *)L->hi_entries)[e] : ((const uint16_t *)L->hi_entries)[e];
 }
 
-/* The first entry in [e, e1) whose column is at least limit (columns ascend). */
-static inline int64_t group_end(const uint16_t *cols, int64_t e, int64_t e1, int64_t limit) {
-    while (e < e1) {
-        const int64_t mid = e + (e1 - e) / 2;
-        if (cols[mid] < limit)
-            e = mid + 1;
-        else
-            e1 = mid;
-    }
-    return e;
+/* Column and weight of entry e, in high group g of row r. */
+static inline float hi_weight(const layer_t *L, int64_t r, int64_t g, int64_t e, int64_t *col) {
+    const uint32_t v = hi_entry(L, e);
+    const int cb = (int)L->hi_code_bits;
+    *col = g * L->hi_group + (v >> cb);
+    if (L->hi_values) return L->hi_values[e];
+    const int32_t code = (int32_t)(v & ((1u << cb) - 1)) - (1 << (cb - 1));
+    return (float)code * half_to_float(L->hi_scales[r * L->hi_n_groups + g]);
 }
 
 /* Position of column c in the padded activation layout: every group padded to
@@ -191,11 +184,8 @@ static inline __attribute__((always_inline)) void matvec_impl(
     const int64_t block_bytes = 4 * bits;
     const int64_t row_bytes = row_blocks(L) * block_bytes;
     const int64_t gp = L->n_blocks * BLOCK;
-    /* the common case: centred integer codes, power-of-two high groups, no padding */
-    int shift = 0;
-    while (shift < 30 && (1LL << shift) < L->hi_group) shift++;
-    const int centred = L->hi_codes && !L->hi_zeros && L->n_blocks * BLOCK == L->group &&
-                        (1LL << shift) == L->hi_group && L->hi_n_groups <= MAX_HI_GROUPS;
+    /* the common case: an integer high grid in 16-bit entries, no padding */
+    const int fast_hi = !L->hi_values && !L->hi_wide && row_blocks(L) * BLOCK == L->n_in;
     for (int64_t r = r0; r < r1; r++) {
         float out[MAXM];
         v8f vout[MAXM]; /* the groups' scaled sums, reduced once per row */
@@ -226,37 +216,45 @@ static inline __attribute__((always_inline)) void matvec_impl(
         }
         for (int64_t i = 0; i < m; i++) out[i] += hsum(vout[i]);
         if (L->rowptr) {
-            const int64_t e0 = L->rowptr[r], e1 = L->rowptr[r + 1];
-            if (m == 1 && centred) { /* scale of each entry from a per-row table */
-                const int8_t *hc = (const int8_t *)L->hi_codes;
-                float hs[MAX_HI_GROUPS];
-                for (int64_t g = 0; g < L->hi_n_groups; g++)
-                    hs[g] = half_to_float(L->hi_scales[r * L->hi_n_groups + g]);
-                int64_t e = e0;
-                v8f acc = {};
+            int64_t e = L->rowptr[r];
+            for (int64_t g = 0; g < L->hi_n_groups; g++) {
+                const int64_t n = L->hi_counts[r * L->hi_n_groups + g];
+                if (n == 0) continue;
+                const int64_t end = e + n;
+                if (m == 1 && fast_hi) { /* sum (code - zero) x over the group, times its scale */
+                    const uint16_t *ent = (const uint16_t *)L->hi_entries;
+                    const float *xg = x + g * L->hi_group;
+                    const int cb = (int)L->hi_code_bits;
+                    const uint32_t mask = (1u << cb) - 1;
+                    const int32_t off = 1 << (cb - 1);
+                    v8f acc = {};
 #if defined(__AVX2__)
-                for (; e + 8 <= e1; e += 8) {
-                    const __m256i c = _mm256_cvtepu16_epi32(
-                        _mm_loadu_si128((const __m128i *)(L->cols + e)));
-                    const __m256 xv = _mm256_i32gather_ps(x, c, 4);
-                    const __m256 sv = _mm256_i32gather_ps(hs, _mm256_srli_epi32(c, shift), 4);
-                    const __m256i q = _mm256_cvtepi8_epi32(
-                        _mm_loadl_epi64((const __m128i *)(hc + e)));
-                    acc += (v8f)_mm256_cvtepi32_ps(q) * (v8f)sv * (v8f)xv;
-                }
+                    for (; e + 8 <= end; e += 8) { /* eight entries: one gather of x */
+                        const __m256i v = _mm256_cvtepu16_epi32(
+                            _mm_loadu_si128((const __m128i *)(ent + e)));
+                        const __m256 xv = _mm256_i32gather_ps(xg, _mm256_srli_epi32(v, cb), 4);
+                        const __m256i q = _mm256_sub_epi32(
+                            _mm256_and_si256(v, _mm256_set1_epi32((int)mask)),
+                            _mm256_set1_epi32(off));
+                        acc += (v8f)_mm256_cvtepi32_ps(q) * (v8f)xv;
+                    }
 #endif
-                float p0 = 0.0f, p1 = 0.0f;
-                for (; e + 2 <= e1; e += 2) {
-                    p0 += (float)hc[e] * hs[L->cols[e] >> shift] * x[L->cols[e]];
-                    p1 += (float)hc[e + 1] * hs[L->cols[e + 1] >> shift] * x[L->cols[e + 1]];
-                }
-                if (e < e1) p0 += (float)hc[e] * hs[L->cols[e] >> shift] * x[L->cols[e]];
-                out[0] += hsum(acc) + (p0 + p1);
-            } else {
-                for (int64_t e = e0; e < e1; e++) {
-                    const float w = hi_weight(L, r, e);
-                    const int64_t c = padded_col(L, L->cols[e]);
-                    for (int64_t i = 0; i < m; i++) out[i] += w * x[i * ldx + c];
+                    float p0 = 0.0f, p1 = 0.0f;
+                    for (; e + 2 <= end; e += 2) {
+                        p0 += (float)((int32_t)(ent[e] & mask) - off) * xg[ent[e] >> cb];
+                        p1 += (float)((int32_t)(ent[e + 1] & mask) - off) * xg[ent[e + 1] >> cb];
+                    }
+                    if (e < end) p0 += (float)((int32_t)(ent[e] & mask) - off) * xg[ent[e] >> cb];
+                    e = end;
+                    const float s = half_to_float(L->hi_scales[r * L->hi_n_groups + g]);
+                    out[0] += s * (hsum(acc) + (p0 + p1));
+                } else {
+                    for (; e < end; e++) {
+                        int64_t col;
+                        const float w = hi_weight(L, r, g, e, &col);
+                        const int64_t c = padded_col(L, col);
+                        for (int64_t i = 0; i < m; i++) out[i] += w * x[i * ldx + c];
+                    }
                 }
             }
         }
@@ -292,9 +290,15 @@ static inline __attribute__((always_inline)) void dequant_impl(
                 len -= n;
             }
         }
-        if (L->rowptr)
-            for (int64_t e = L->rowptr[r]; e < L->rowptr[r + 1]; e++)
-                wr[L->cols[e]] = hi_weight(L, r, e);
+        if (L->rowptr) {
+            int64_t e = L->rowptr[r];
+            for (int64_t g = 0; g < L->hi_n_groups; g++)
+                for (const int64_t end = e + L->hi_counts[r * L->hi_n_groups + g]; e < end; e++) {
+                    int64_t col;
+                    const float w = hi_weight(L, r, g, e, &col);
+                    wr[col] = w;
+                }
+        }
     }
 }
 

@@ -11,11 +11,12 @@ once into this layout, which keeps about the same bytes and can be:
   in ``4 * bits`` bytes arranged so that neighbouring columns sit in
   neighbouring bytes (see ``kernels.c``);
 - ``scales`` (float16) and ``zeros`` (uint8) of each (row, group);
-- the high-impact weights as a row-sorted list: ``rowptr`` (int32), ``cols``
-  (uint16), ``hi_codes`` with ``hi_scales`` per (row, high group): up to 7
-  bits the codes are stored centred (code minus its zero, int8, so a weight is
-  one product), 8-bit codes as uint8 with ``hi_zeros``; or ``hi_values``
-  (float32) for a float16 high grid.
+- the high-impact weights as one list sorted by row and high group, with a
+  count per (row, high group) (``hi_counts``) and a float16 scale per (row,
+  high group): each entry is one 16-bit word (32-bit when it does not fit)
+  holding the column within its group and the code minus its zero (so a weight
+  is one product), or the column alone with ``hi_values`` (float32) for a
+  float16 high grid.
 
 Every operation here is plain torch and runs on any device (it is the path on
 CUDA and wherever the native kernels are not built); ``lwq.runtime.native``
@@ -33,7 +34,6 @@ from lwq.quant.types import QuantizedWeight
 
 BLOCK = 32
 LAYOUT_BITS = (2, 3, 4, 8)
-MAX_COLUMNS = 1 << 16  # high-impact columns are uint16
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,13 @@ class Layout:
     codes: torch.Tensor  # (n_out, row_blocks * 4 * bits) uint8
     scales: torch.Tensor  # (n_out, n_groups) float16
     zeros: torch.Tensor  # (n_out, n_groups) uint8
-    rowptr: torch.Tensor | None = None  # (n_out + 1,) int32
-    cols: torch.Tensor | None = None  # (n_hi,) int16 holding uint16
-    hi_codes: torch.Tensor | None = None  # (n_hi,) int8 centred, or uint8 with hi_zeros
-    hi_values: torch.Tensor | None = None  # (n_hi,) float32, float16 high grid
+    rowptr: torch.Tensor | None = None  # (n_out + 1,) int32: first entry of each row
+    hi_counts: torch.Tensor | None = None  # (n_out, hi_n_groups) int16 holding uint16
+    hi_entries: torch.Tensor | None = None  # (n_hi,) int16 (uint16) or int32
     hi_scales: torch.Tensor | None = None  # (n_out, hi_n_groups) float16
-    hi_zeros: torch.Tensor | None = None  # (n_out, hi_n_groups) uint8, 8-bit high grids
+    hi_values: torch.Tensor | None = None  # (n_hi,) float32, float16 high grid
     hi_group: int = 0
+    hi_code_bits: int = 0  # low bits of an entry holding code - zero + 2**(bits - 1)
 
     @property
     def padded_group(self) -> int:
@@ -79,7 +79,7 @@ class Layout:
 
     @property
     def n_hi(self) -> int:
-        return 0 if self.cols is None else int(self.cols.numel())
+        return 0 if self.hi_entries is None else int(self.hi_entries.numel())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -105,11 +105,6 @@ def build_layout(name: str, qw: QuantizedWeight) -> Layout:
     lo = qw.lo
     if lo.bits not in LAYOUT_BITS:
         raise ModelLoadError(f"layer {name}: a {lo.bits}-bit low grid has no compute layout")
-    if n_in > MAX_COLUMNS:
-        raise ModelLoadError(
-            f"layer {name}: {n_in} input columns; packed modules hold at most {MAX_COLUMNS} "
-            "(load this checkpoint dequantised)"
-        )
     group, n_groups = lo.group_len(n_in), lo.n_groups(n_in)
     n_blocks = -(-group // BLOCK)
     last_blocks = -(-(n_in - (n_groups - 1) * group) // BLOCK)
@@ -142,29 +137,46 @@ def build_layout(name: str, qw: QuantizedWeight) -> Layout:
     )
     if qw.mask is None or not bool(qw.mask.any()):
         return layout
-    assert qw.hi is not None
-    rows, cols = torch.nonzero(qw.mask, as_tuple=True)  # row-major order
-    counts = torch.bincount(rows, minlength=n_out)
+    hi = qw.hi
+    assert hi is not None
+    rows, cols = torch.nonzero(qw.mask, as_tuple=True)  # row-major: rows, groups, columns
+    hi_group, hi_n_groups = hi.group_len(n_in), hi.n_groups(n_in)
+    groups = cols // hi_group
+    counts = torch.bincount(rows * hi_n_groups + groups, minlength=n_out * hi_n_groups)
     rowptr = torch.zeros(n_out + 1, dtype=torch.int32)
-    rowptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    hi: dict[str, torch.Tensor | int | None] = {
-        "rowptr": rowptr,
-        "cols": cols.to(torch.int32).to(torch.int16),  # wraps above 32767: read as uint16
-    }
-    if qw.hi_values is not None:
-        hi["hi_values"] = qw.hi_values[qw.mask].to(torch.float32)
+    rowptr[1:] = torch.cumsum(counts.view(n_out, hi_n_groups).sum(dim=1), 0).to(torch.int32)
+    code_bits = 0 if hi.is_float else hi.bits + 1  # code - zero lies in (-2**bits, 2**bits)
+    entries = (cols - groups * hi_group) << code_bits
+    extra: dict[str, torch.Tensor | int] = {}
+    if hi.is_float:
+        assert qw.hi_values is not None
+        extra["hi_values"] = qw.hi_values[qw.mask].to(torch.float32)
     else:
         assert qw.hi_scales is not None and qw.hi_zeros is not None
-        codes = qw.codes[qw.mask]
-        hi["hi_scales"] = qw.hi_scales.to(torch.float16)
-        if qw.hi.bits <= 7:
-            zero = qw.hi_zeros.round().to(torch.int16)[:, qw.hi.group_index(n_in)][qw.mask]
-            hi["hi_codes"] = (codes.to(torch.int16) - zero).to(torch.int8)
-        else:
-            hi["hi_codes"] = codes.clone()
-            hi["hi_zeros"] = qw.hi_zeros.round().to(torch.uint8)
-        hi["hi_group"] = qw.hi.group_len(n_in)
-    return replace(layout, **hi)  # type: ignore[arg-type]
+        zero = qw.hi_zeros.round().to(torch.int64)[rows, groups]
+        entries |= qw.codes[qw.mask].to(torch.int64) - zero + (1 << hi.bits)
+        extra["hi_scales"] = qw.hi_scales.to(torch.float16)
+    wide = (hi_group - 1).bit_length() + code_bits > 16
+    return replace(
+        layout,
+        rowptr=rowptr,
+        hi_counts=_as_uint16(counts.view(n_out, hi_n_groups)),
+        hi_entries=entries.to(torch.int32) if wide else _as_uint16(entries),
+        hi_group=hi_group,
+        hi_code_bits=code_bits,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def _as_uint16(t: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 65536) stored in int16 (the kernels read uint16)."""
+    if t.numel() and int(t.max()) >= 1 << 16:
+        raise ModelLoadError("a high-impact group of more than 65535 weights has no compute layout")
+    return t.to(torch.int32).to(torch.int16)
+
+
+def _uint16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int64) & 0xFFFF if t.dtype == torch.int16 else t.to(torch.int64)
 
 
 def _pack_blocks(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -214,24 +226,26 @@ def dequantize(layout: Layout) -> torch.Tensor:
     w = (s * (q - z)).reshape(L.n_out, L.n_groups * L.group)[:, : L.n_in].contiguous()
     if L.rowptr is None:
         return w
-    assert L.cols is not None
-    counts = (L.rowptr[1:] - L.rowptr[:-1]).to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(L.n_out, device=w.device), counts)
-    cols = L.cols.to(torch.int64) & 0xFFFF
-    w[rows, cols] = hi_weights(L, rows, cols)
+    rows, cols, values = hi_entries(L)
+    w[rows, cols] = values
     return w
 
 
-def hi_weights(L: Layout, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """The float value of each high-impact entry."""
+def hi_entries(L: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row, column and float value of each high-impact entry."""
+    assert L.hi_counts is not None and L.hi_entries is not None
+    n_groups = L.hi_counts.shape[1]
+    cell = torch.repeat_interleave(
+        torch.arange(L.n_out * n_groups, device=L.hi_entries.device), _uint16(L.hi_counts).view(-1)
+    )
+    rows, groups = cell // n_groups, cell % n_groups
+    e = _uint16(L.hi_entries)
+    cols = groups * L.hi_group + (e >> L.hi_code_bits)
     if L.hi_values is not None:
-        return L.hi_values
-    assert L.hi_codes is not None and L.hi_scales is not None
-    g = cols // L.hi_group
-    s = L.hi_scales.to(torch.float32)[rows, g]
-    if L.hi_zeros is None:  # centred codes
-        return s * L.hi_codes.to(torch.float32)
-    return s * (L.hi_codes.to(torch.float32) - L.hi_zeros.to(torch.float32)[rows, g])
+        return rows, cols, L.hi_values
+    assert L.hi_scales is not None
+    code = (e & ((1 << L.hi_code_bits) - 1)) - (1 << (L.hi_code_bits - 1))
+    return rows, cols, L.hi_scales.to(torch.float32)[rows, groups] * code.to(torch.float32)
 
 
 def linear(layout: Layout, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -58,13 +58,14 @@ class _LayerT(ctypes.Structure):
         ("scales", ctypes.c_void_p),
         ("zeros", ctypes.c_void_p),
         ("rowptr", ctypes.c_void_p),
-        ("cols", ctypes.c_void_p),
-        ("hi_codes", ctypes.c_void_p),
-        ("hi_values", ctypes.c_void_p),
+        ("hi_counts", ctypes.c_void_p),
+        ("hi_entries", ctypes.c_void_p),
         ("hi_scales", ctypes.c_void_p),
-        ("hi_zeros", ctypes.c_void_p),
+        ("hi_values", ctypes.c_void_p),
         ("hi_group", ctypes.c_int64),
         ("hi_n_groups", ctypes.c_int64),
+        ("hi_code_bits", ctypes.c_int64),
+        ("hi_wide", ctypes.c_int64),
     ]
 
 
@@ -157,13 +158,14 @@ class Kernels:
             addr(L.scales),
             addr(L.zeros),
             addr(L.rowptr),
-            addr(L.cols),
-            addr(L.hi_codes),
-            addr(L.hi_values),
+            addr(L.hi_counts),
+            addr(L.hi_entries),
             addr(L.hi_scales),
-            addr(L.hi_zeros),
+            addr(L.hi_values),
             L.hi_group,
-            0 if L.hi_scales is None else L.hi_scales.shape[1],
+            0 if L.hi_counts is None else L.hi_counts.shape[1],
+            L.hi_code_bits,
+            int(L.hi_entries is not None and L.hi_entries.dtype == torch.int32),
         )
 
     def dequantize(self, c_layer: _LayerT, L: Layout) -> torch.Tensor:
@@ -251,3 +253,14 @@ def kernels() -> Kernels | None:
                 stacklevel=2,
             )
         return _loaded
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the system (glibc only; else nothing).
+
+    Loading rearranges every layer through temporaries; without this the process
+    keeps their peak as resident memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
