@@ -215,10 +215,11 @@ static inline __attribute__((always_inline)) void matvec_impl(
             }
         }
         for (int64_t i = 0; i < m; i++) out[i] += hsum(vout[i]);
-        if (L->rowptr) {
+        if (L->rowptr && L->rowptr[r] < L->rowptr[r + 1]) {
             int64_t e = L->rowptr[r];
+            const uint16_t *counts = L->hi_counts + r * L->hi_n_groups;
             for (int64_t g = 0; g < L->hi_n_groups; g++) {
-                const int64_t n = L->hi_counts[r * L->hi_n_groups + g];
+                const int64_t n = counts[g];
                 if (n == 0) continue;
                 const int64_t end = e + n;
                 if (m == 1 && fast_hi) { /* sum (code - zero) x over the group, times its scale */
@@ -227,8 +228,9 @@ static inline __attribute__((always_inline)) void matvec_impl(
                     const int cb = (int)L->hi_code_bits;
                     const uint32_t mask = (1u << cb) - 1;
                     const int32_t off = 1 << (cb - 1);
-                    v8f acc = {};
+                    float p0 = 0.0f, p1 = 0.0f;
 #if defined(__AVX2__)
+                    v8f acc = {};
                     for (; e + 8 <= end; e += 8) { /* eight entries: one gather of x */
                         const __m256i v = _mm256_cvtepu16_epi32(
                             _mm_loadu_si128((const __m128i *)(ent + e)));
@@ -238,8 +240,8 @@ static inline __attribute__((always_inline)) void matvec_impl(
                             _mm256_set1_epi32(off));
                         acc += (v8f)_mm256_cvtepi32_ps(q) * (v8f)xv;
                     }
+                    if (n >= 8) p0 = hsum(acc);
 #endif
-                    float p0 = 0.0f, p1 = 0.0f;
                     for (; e + 2 <= end; e += 2) {
                         p0 += (float)((int32_t)(ent[e] & mask) - off) * xg[ent[e] >> cb];
                         p1 += (float)((int32_t)(ent[e + 1] & mask) - off) * xg[ent[e + 1] >> cb];
@@ -247,7 +249,7 @@ static inline __attribute__((always_inline)) void matvec_impl(
                     if (e < end) p0 += (float)((int32_t)(ent[e] & mask) - off) * xg[ent[e] >> cb];
                     e = end;
                     const float s = half_to_float(L->hi_scales[r * L->hi_n_groups + g]);
-                    out[0] += s * (hsum(acc) + (p0 + p1));
+                    out[0] += s * (p0 + p1);
                 } else {
                     for (; e < end; e++) {
                         int64_t col;
