@@ -212,3 +212,10 @@ def test_entries_too_wide_for_16_bits(kernel_path: str) -> None:
     for rows in (1, 2, 30):
         x = torch.randn(rows, 4100)
         torch.testing.assert_close(layer(x), x @ ref.T, rtol=0, atol=1e-3)
+
+
+def test_sparse_layers_keep_one_list_per_row() -> None:
+    sparse, _ = _layer((64, 256), 2, 64, "sparse", 4)  # under one entry per group
+    mid, _ = _layer((64, 256), 2, 32, "mid", 4)  # about ten per group
+    assert QuantLinear(sparse, None, False).layout.hi_cols is not None
+    assert QuantLinear(mid, None, False).layout.hi_counts is not None

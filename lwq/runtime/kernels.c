@@ -27,6 +27,7 @@
 
 #define BLOCK 32
 #define MAXM 8 /* activation rows per pass of the matrix-vector kernel */
+#define MAX_HI_GROUPS 1024
 #define ROW_CHUNK 64 /* rows per unit of work of the matrix-vector kernel */
 
 #if defined(__AVX2__) || defined(__F16C__)
@@ -127,6 +128,8 @@ typedef struct {
     const void *hi_entries;    /* (n_hi) uint16, or uint32 when hi_wide */
     const uint16_t *hi_scales; /* (n_out, hi_n_groups) float16, integer grids */
     const float *hi_values;    /* (n_hi) float16 high grid, or NULL */
+    const uint16_t *hi_cols;   /* (n_hi) a sparse layer's list per row: column of each entry, */
+    const int8_t *hi_codes;    /* and its code - zero (hi_counts and hi_entries are NULL) */
     int64_t hi_group;
     int64_t hi_n_groups;
     int64_t hi_code_bits;      /* an entry: column in group << bits | code - zero + 2^(bits-1) */
@@ -153,6 +156,12 @@ static inline float hi_weight(const layer_t *L, int64_t r, int64_t g, int64_t e,
     if (L->hi_values) return L->hi_values[e];
     const int32_t code = (int32_t)(v & ((1u << cb) - 1)) - (1 << (cb - 1));
     return (float)code * half_to_float(L->hi_scales[r * L->hi_n_groups + g]);
+}
+
+/* Weight of entry e of row r in a per-row list. */
+static inline float hi_row_weight(const layer_t *L, int64_t r, int64_t e) {
+    const int64_t g = r * L->hi_n_groups + L->hi_cols[e] / L->hi_group;
+    return (float)L->hi_codes[e] * half_to_float(L->hi_scales[g]);
 }
 
 /* Position of column c in the padded activation layout: every group padded to
@@ -186,6 +195,10 @@ static inline __attribute__((always_inline)) void matvec_impl(
     const int64_t gp = L->n_blocks * BLOCK;
     /* the common case: an integer high grid in 16-bit entries, no padding */
     const int fast_hi = !L->hi_values && !L->hi_wide && row_blocks(L) * BLOCK == L->n_in;
+    int shift = 0;
+    while (shift < 30 && (1LL << shift) < L->hi_group) shift++;
+    const int row_fast = row_blocks(L) * BLOCK == L->n_in && (1LL << shift) == L->hi_group &&
+                         L->hi_n_groups <= MAX_HI_GROUPS;
     for (int64_t r = r0; r < r1; r++) {
         float out[MAXM];
         v8f vout[MAXM]; /* the groups' scaled sums, reduced once per row */
@@ -215,7 +228,29 @@ static inline __attribute__((always_inline)) void matvec_impl(
             }
         }
         for (int64_t i = 0; i < m; i++) out[i] += hsum(vout[i]);
-        if (L->rowptr && L->rowptr[r] < L->rowptr[r + 1]) {
+        if (L->hi_cols && L->rowptr[r] < L->rowptr[r + 1]) { /* a sparse layer's row list */
+            const int64_t e0 = L->rowptr[r], e1 = L->rowptr[r + 1];
+            if (m == 1 && row_fast) { /* scales from a table, four independent sums */
+                float hs[MAX_HI_GROUPS];
+                for (int64_t g = 0; g < L->hi_n_groups; g++)
+                    hs[g] = half_to_float(L->hi_scales[r * L->hi_n_groups + g]);
+                const uint16_t *hc = L->hi_cols;
+                const int8_t *hq = L->hi_codes;
+                float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                int64_t e = e0;
+                for (; e + 4 <= e1; e += 4)
+                    for (int u = 0; u < 4; u++)
+                        p[u] += (float)hq[e + u] * hs[hc[e + u] >> shift] * x[hc[e + u]];
+                for (; e < e1; e++) p[0] += (float)hq[e] * hs[hc[e] >> shift] * x[hc[e]];
+                out[0] += (p[0] + p[1]) + (p[2] + p[3]);
+            } else {
+                for (int64_t e = e0; e < e1; e++) {
+                    const float w = hi_row_weight(L, r, e);
+                    const int64_t c = padded_col(L, L->hi_cols[e]);
+                    for (int64_t i = 0; i < m; i++) out[i] += w * x[i * ldx + c];
+                }
+            }
+        } else if (L->rowptr && L->rowptr[r] < L->rowptr[r + 1]) {
             int64_t e = L->rowptr[r];
             const uint16_t *counts = L->hi_counts + r * L->hi_n_groups;
             for (int64_t g = 0; g < L->hi_n_groups; g++) {
@@ -292,7 +327,10 @@ static inline __attribute__((always_inline)) void dequant_impl(
                 len -= n;
             }
         }
-        if (L->rowptr) {
+        if (L->hi_cols) {
+            for (int64_t e = L->rowptr[r]; e < L->rowptr[r + 1]; e++)
+                wr[L->hi_cols[e]] = hi_row_weight(L, r, e);
+        } else if (L->rowptr) {
             int64_t e = L->rowptr[r];
             for (int64_t g = 0; g < L->hi_n_groups; g++)
                 for (const int64_t end = e + L->hi_counts[r * L->hi_n_groups + g]; e < end; e++) {

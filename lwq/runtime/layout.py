@@ -16,7 +16,10 @@ once into this layout, which keeps about the same bytes and can be:
   high group): each entry is one 16-bit word (32-bit when it does not fit)
   holding the column within its group and the code minus its zero (so a weight
   is one product), or the column alone with ``hi_values`` (float32) for a
-  float16 high grid.
+  float16 high grid. A layer with fewer than ``ROW_LIST_BELOW`` entries per
+  group on average keeps one list per row instead (``hi_cols`` uint16 and
+  ``hi_codes`` int8, code minus zero), which the kernels walk without a step
+  per group.
 
 Every operation here is plain torch and runs on any device (it is the path on
 CUDA and wherever the native kernels are not built); ``lwq.runtime.native``
@@ -33,6 +36,7 @@ from lwq.errors import ModelLoadError
 from lwq.quant.types import QuantizedWeight
 
 BLOCK = 32
+ROW_LIST_BELOW = 8  # mean entries per (row, high group) under which a layer's list is per row
 LAYOUT_BITS = (2, 3, 4, 8)
 
 
@@ -55,6 +59,8 @@ class Layout:
     hi_entries: torch.Tensor | None = None  # (n_hi,) int16 (uint16) or int32
     hi_scales: torch.Tensor | None = None  # (n_out, hi_n_groups) float16
     hi_values: torch.Tensor | None = None  # (n_hi,) float32, float16 high grid
+    hi_cols: torch.Tensor | None = None  # (n_hi,) int16 holding uint16: sparse layers
+    hi_codes: torch.Tensor | None = None  # (n_hi,) int8 code - zero: sparse layers
     hi_group: int = 0
     hi_code_bits: int = 0  # low bits of an entry holding code - zero + 2**(bits - 1)
 
@@ -79,7 +85,10 @@ class Layout:
 
     @property
     def n_hi(self) -> int:
-        return 0 if self.hi_entries is None else int(self.hi_entries.numel())
+        for t in (self.hi_entries, self.hi_cols):
+            if t is not None:
+                return int(t.numel())
+        return 0
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -156,6 +165,18 @@ def build_layout(name: str, qw: QuantizedWeight) -> Layout:
         zero = qw.hi_zeros.round().to(torch.int64)[rows, groups]
         entries |= qw.codes[qw.mask].to(torch.int64) - zero + (1 << hi.bits)
         extra["hi_scales"] = qw.hi_scales.to(torch.float16)
+    if not hi.is_float and hi.bits <= 7 and len(rows) < ROW_LIST_BELOW * counts.numel():
+        # Few entries per group: one list per row (a column and a code per entry)
+        # decodes faster than walking every group, for a byte more per entry.
+        centred = (entries & ((1 << code_bits) - 1)) - (1 << hi.bits)
+        return replace(
+            layout,
+            rowptr=rowptr,
+            hi_cols=_as_uint16(cols),
+            hi_codes=centred.to(torch.int8),
+            hi_group=hi_group,
+            **extra,  # type: ignore[arg-type]
+        )
     wide = (hi_group - 1).bit_length() + code_bits > 16
     return replace(
         layout,
@@ -233,6 +254,14 @@ def dequantize(layout: Layout) -> torch.Tensor:
 
 def hi_entries(L: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row, column and float value of each high-impact entry."""
+    assert L.rowptr is not None
+    if L.hi_cols is not None:  # one list per row
+        assert L.hi_codes is not None and L.hi_scales is not None
+        counts = (L.rowptr[1:] - L.rowptr[:-1]).to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(L.n_out, device=counts.device), counts)
+        cols = _uint16(L.hi_cols)
+        s = L.hi_scales.to(torch.float32)[rows, cols // L.hi_group]
+        return rows, cols, s * L.hi_codes.to(torch.float32)
     assert L.hi_counts is not None and L.hi_entries is not None
     n_groups = L.hi_counts.shape[1]
     cell = torch.repeat_interleave(
