@@ -11,10 +11,12 @@
  * So one vector load decodes eight or sixteen neighbouring columns with one
  * shift and one mask. A group's weight is s * (q - z) with a float16 scale s
  * and an integer zero z; the kernels compute s * (sum q x - z * sum x) per
- * group. Weights on the high grid are a row-sorted list (column, code) with a
- * float16 scale and integer zero per (row, high group), or float values for a
- * float16 high grid; their places in the low grid hold the low zero, so they
- * add nothing there.
+ * group. Weights on the high grid are a list sorted by row and group with a
+ * float16 scale per (row, high group): per group, one word per entry (column in
+ * the group, code minus zero) and a count per group; for sparse layers, per
+ * row, a column and a code minus zero per entry; for a float16 high grid, the
+ * values. Their places in the low grid hold the low zero, so they add nothing
+ * there.
  *
  * Built on first use by lwq/runtime/native.py (gcc -O3 -march=native -fopenmp)
  * and called through ctypes; every function has a pure-torch twin in
