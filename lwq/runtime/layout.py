@@ -275,9 +275,3 @@ def hi_entries(L: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     assert L.hi_scales is not None
     code = (e & ((1 << L.hi_code_bits) - 1)) - (1 << (L.hi_code_bits - 1))
     return rows, cols, L.hi_scales.to(torch.float32)[rows, groups] * code.to(torch.float32)
-
-
-def linear(layout: Layout, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + bias through the float weight (any device)."""
-    w = dequantize(layout).to(x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ from torch import nn
 from lwq.pack.layer import PackedLayer, unpack_layer
 from lwq.runtime import layout as torch_path
 from lwq.runtime import native
-from lwq.runtime.layout import BLOCK, Layout, build_layout
+from lwq.runtime.layout import Layout, build_layout
 
 
 class QuantLinear(nn.Module):
@@ -80,33 +79,10 @@ class QuantLinear(nn.Module):
         return self._c
 
     def _matvec(self, kernels: native.Kernels) -> Callable[..., torch.Tensor]:
-        """The native call with everything but the activations bound (decoding calls it
-        once per layer and token, so the Python around it is kept short)."""
         if self._bound is None or self._bound[0] is not kernels:
             c = self._c_view(kernels)
             bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            fn, addr = kernels.lib.lwq_matvec, ctypes.addressof(c)
-            n_in, n_out = self.in_features, self.out_features
-            pad = None if self.layout.row_blocks * BLOCK == n_in else self.layout.pad_input
-            bias_ptr = None if bias is None else bias.data_ptr()
-
-            def call(x: torch.Tensor, m: int, shape: tuple[int, ...]) -> torch.Tensor:
-                """x: m rows of n_in float32, contiguous -> a new tensor of ``shape``."""
-                if pad is not None:
-                    x = pad(x.reshape(m, n_in))
-                y = torch.empty(shape)
-                fn(
-                    addr,
-                    x.data_ptr(),
-                    m,
-                    x.shape[-1] if pad is not None else n_in,
-                    bias_ptr,
-                    y.data_ptr(),
-                    n_out,
-                    torch.get_num_threads(),
-                )
-                return y
-
+            call = kernels.bind_matvec(c, self.layout, bias)
             self._bound = (kernels, call, c, bias)  # c and bias: alive as long as call
         return self._bound[1]
 

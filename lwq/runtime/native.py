@@ -30,12 +30,13 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from lwq.errors import ConfigError
-from lwq.runtime.layout import Layout
+from lwq.runtime.layout import BLOCK, Layout
 
 log = logging.getLogger(__name__)
 
@@ -179,24 +180,28 @@ class Kernels:
         )
         return w
 
-    def matvec(
-        self, c_layer: _LayerT, L: Layout, x: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """x (m, n_in) float32, m <= MAX_ROWS -> (m, n_out)."""
-        m = x.shape[0]
-        x = L.pad_input(x.contiguous())
-        y = torch.empty(m, L.n_out, dtype=torch.float32)
-        self.lib.lwq_matvec(
-            ctypes.byref(c_layer),
-            x.data_ptr(),
-            m,
-            x.shape[1],
-            None if bias is None else bias.data_ptr(),
-            y.data_ptr(),
-            L.n_out,
-            torch.get_num_threads(),
-        )
-        return y
+    def bind_matvec(
+        self, c_layer: _LayerT, L: Layout, bias: torch.Tensor | None
+    ) -> Callable[[torch.Tensor, int, tuple[int, ...]], torch.Tensor]:
+        """The matrix-vector call with everything but the activations bound.
+
+        ``call(x, m, shape)``: x holds m <= MAX_ROWS rows of n_in float32,
+        contiguous; the result is a new float32 tensor of ``shape`` (m * n_out
+        values). Decoding makes this call once per layer and token, so the
+        Python in it is kept short. ``c_layer`` and ``bias`` must outlive it."""
+        fn, addr, n_in, n_out = self.lib.lwq_matvec, ctypes.addressof(c_layer), L.n_in, L.n_out
+        pad = None if L.row_blocks * BLOCK == n_in else L.pad_input
+        bias_ptr = None if bias is None else bias.data_ptr()
+
+        def call(x: torch.Tensor, m: int, shape: tuple[int, ...]) -> torch.Tensor:
+            if pad is not None:
+                x = pad(x.reshape(m, n_in))
+            y = torch.empty(shape)
+            ldx = x.shape[-1] if pad is not None else n_in
+            fn(addr, x.data_ptr(), m, ldx, bias_ptr, y.data_ptr(), n_out, torch.get_num_threads())
+            return y
+
+        return call
 
     def half_matvec(
         self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
