@@ -39,7 +39,7 @@ def _mask(kind: str, shape: tuple[int, int], g: torch.Generator) -> torch.Tensor
     if kind == "columns":
         cols = torch.rand(shape[1], generator=g) < 0.2
         return cols[None, :].expand(shape).contiguous()
-    ratio = {"sparse": 0.01, "mid": 0.3}[kind]
+    ratio = {"sparse": 0.01, "tenth": 0.1, "mid": 0.3}[kind]
     return torch.rand(shape, generator=g) < ratio
 
 
@@ -62,6 +62,7 @@ CASES = [
     for group, mask, hi in [
         (128, "none", 4),
         (64, "sparse", 4),
+        (128, "tenth", 4),
         (32, "mid", 8),
         (-1, "dense", 4),
         (48, "columns", 16),
@@ -195,6 +196,14 @@ def test_a_packed_model_decodes_like_the_dequantised_one(
         want = dense.generate(ids, max_new_tokens=12, do_sample=False)
         got = packed.generate(ids, max_new_tokens=12, do_sample=False)  # one row per step
     assert torch.equal(got, want)
+    grouped = {
+        name.rsplit(".", 1)[1]
+        for name, m in packed.named_modules()
+        if isinstance(m, QuantLinear) and m.siblings is not None
+    }  # layers that read one input, computed together when decoding
+    assert grouped == (
+        {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} if model_type == "llama" else set()
+    )
     files = manifest.bits.quantized_file_bytes + manifest.bits.unquantized_bytes
     seen, held = set(), 0
     for t in [*packed.parameters(), *packed.buffers()]:
@@ -214,8 +223,56 @@ def test_entries_too_wide_for_16_bits(kernel_path: str) -> None:
         torch.testing.assert_close(layer(x), x @ ref.T, rtol=0, atol=1e-3)
 
 
-def test_sparse_layers_keep_one_list_per_row() -> None:
+def test_each_density_of_high_impact_weights_gets_its_layout() -> None:
     sparse, _ = _layer((64, 256), 2, 64, "sparse", 4)  # under one entry per group
-    mid, _ = _layer((64, 256), 2, 32, "mid", 4)  # about ten per group
+    tenth, _ = _layer((64, 256), 2, 128, "tenth", 4)  # about thirteen per group
+    many, _ = _layer((64, 256), 2, 32, "mid", 4)  # 30 % of the weights
+    ragged, _ = _layer((64, 100), 2, 32, "mid", 4)  # groups not of whole blocks
     assert QuantLinear(sparse, None, False).layout.hi_cols is not None
-    assert QuantLinear(mid, None, False).layout.hi_counts is not None
+    assert QuantLinear(tenth, None, False).layout.hi_counts is not None
+    dense = QuantLinear(many, None, False).layout
+    assert dense.hi_grid_codes is not None and dense.rowptr is None
+    assert QuantLinear(ragged, None, False).layout.hi_grid_codes is None
+
+
+class _Attention(torch.nn.Module):
+    """Three layers reading one input, and a fourth reading another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (
+            QuantLinear(_layer((n, 64), 2, 32, "tenth", 4)[0], None, False)
+            for n in (64, 32, 32, 64)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        return self.o(q * torch.cat([k, v], dim=-1))
+
+
+def test_layers_reading_one_input_compute_together(kernel_path: str) -> None:
+    from lwq.runtime.module import share_inputs
+
+    model = _Attention()
+    x = torch.randn(1, 2, 64)
+    with torch.no_grad():
+        want = model(x)  # no groups yet: the first pass records
+        share_inputs(model)
+        assert torch.equal(model(x), want)  # the recording pass
+        assert model.q.siblings is None
+        assert torch.equal(model(x), want)  # groups are made when the next pass begins
+        group = model.q.siblings
+        assert group is not None and group.members == [model.q, model.k, model.v]
+        assert model.o.siblings is None
+        with torch.inference_mode():
+            assert torch.equal(model(x.clone()), want)
+        # an input changed in place is computed again, never served stale
+        y = x.clone()
+        model.q(y)  # k and v computed ahead for y
+        y.mul_(2.0)
+        torch.testing.assert_close(model.k(y), y @ model.k.weight_fp().T, rtol=0, atol=1e-4)
+        if kernel_path == "native":  # (the torch path computes each layer alone)
+            for _ in range(group.MAX_WASTED):
+                model.q(torch.randn(1, 1, 64))  # k and v computed ahead, never used
+            assert model.q.siblings is None and model.k.siblings is None
+        assert torch.equal(model(x), want)

@@ -51,7 +51,7 @@ from lwq.pack.manifest import (
     Manifest,
     QuantizationInfo,
 )
-from lwq.runtime.module import HALF_DTYPES, HalfEmbedding, HalfLinear, QuantLinear
+from lwq.runtime.module import HALF_DTYPES, HalfEmbedding, HalfLinear, QuantLinear, share_inputs
 from lwq.runtime.native import release_freed_memory
 
 __all__ = [
@@ -298,6 +298,7 @@ def load_quantized(
         raise ModelLoadError(f"{ckpt}: the checkpoint lacks tensors {leftover[:5]}")
     if packed_modules:
         _half_embeddings(model)
+        share_inputs(model)
         release_freed_memory()
     model.to(device)  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(ckpt)

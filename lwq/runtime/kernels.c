@@ -16,7 +16,9 @@
  * the group, code minus zero) and a count per group; for sparse layers, per
  * row, a column and a code minus zero per entry; for a float16 high grid, the
  * values. Their places in the low grid hold the low zero, so they add nothing
- * there.
+ * there. A layer with many high-impact weights keeps them instead as a second
+ * grid in the same block layout (hi_grid), its zero everywhere else, and the
+ * row is the sum of both grids' products.
  *
  * Built on first use by lwq/runtime/native.py (gcc -O3 -march=native -fopenmp)
  * and called through ctypes; every function has a pure-torch twin in
@@ -31,6 +33,7 @@
 #define MAXM 8 /* activation rows per pass of the matrix-vector kernel */
 #define MAX_HI_GROUPS 1024
 #define ROW_CHUNK 64 /* rows per unit of work of the matrix-vector kernel */
+#define MAX_LAYERS 8 /* layers in one matrix-vector call */
 
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -113,7 +116,7 @@ static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-typedef struct {
+typedef struct layer {
     int64_t n_out;       /* rows of W */
     int64_t n_in;        /* columns of W */
     int64_t bits;        /* low grid width: 2, 3, 4 or 8 */
@@ -136,6 +139,7 @@ typedef struct {
     int64_t hi_n_groups;
     int64_t hi_code_bits;      /* an entry: column in group << bits | code - zero + 2^(bits-1) */
     int64_t hi_wide;
+    const struct layer *hi_grid; /* a dense high grid, or NULL: a layer of its own (no lists) */
 } layer_t;
 
 static inline int64_t row_blocks(const layer_t *L) {
@@ -182,19 +186,51 @@ typedef struct {
     const layer_t *L;
     const float *x;
     int64_t m, ldx;
-    const float *xsum, *bias;
+    const float *xsum, *xsum_hi, *bias;
     float *y;
     int64_t ldy;
 } call_t;
+
+/* Adds row r of a grid times x to out[0..m): per group s * (sum q x - z sum x),
+ * with sum x of each group in xsum[i * n_groups + g]. */
+static inline __attribute__((always_inline)) void grid_row(
+    const int bits, const int64_t m, const layer_t *L, const float *restrict x, const int64_t ldx,
+    const float *xsum, const int64_t r, float *out) {
+    const int64_t block_bytes = 4 * bits;
+    const int64_t row_bytes = row_blocks(L) * block_bytes;
+    const int64_t gp = L->n_blocks * BLOCK;
+    v8f vout[MAXM]; /* the groups' scaled sums, reduced once per row */
+    for (int64_t i = 0; i < m; i++) vout[i] = (v8f){};
+    const uint8_t *pr = L->codes + r * row_bytes;
+    for (int64_t g = 0; g < L->n_groups; g++) {
+        v8f acc[MAXM][4];
+        for (int64_t i = 0; i < m; i++)
+            for (int k = 0; k < 4; k++) acc[i][k] = (v8f){};
+        const int64_t nb = group_blocks(L, g);
+        for (int64_t b = 0; b < nb; b++) {
+            v8f q[4];
+            decode_block(bits, pr + (g * L->n_blocks + b) * block_bytes, q);
+            const float *xb = x + g * gp + b * BLOCK;
+            for (int64_t i = 0; i < m; i++)
+                for (int k = 0; k < 4; k++)
+                    acc[i][k] += load8f(xb + i * ldx + 8 * k) * q[k];
+        }
+        const float s = half_to_float(L->scales[r * L->n_groups + g]);
+        const float z = (float)L->zeros[r * L->n_groups + g];
+        for (int64_t i = 0; i < m; i++) {
+            vout[i] += ((acc[i][0] + acc[i][1]) + (acc[i][2] + acc[i][3])) * s;
+            out[i] -= s * z * xsum[i * L->n_groups + g];
+        }
+    }
+    for (int64_t i = 0; i < m; i++) out[i] += hsum(vout[i]);
+}
 
 static inline __attribute__((always_inline)) void matvec_impl(
     const int bits, const int64_t m, const call_t *C, int64_t r0, int64_t r1) {
     const layer_t *L = C->L;
     const float *restrict x = C->x;
     const int64_t ldx = C->ldx;
-    const int64_t block_bytes = 4 * bits;
-    const int64_t row_bytes = row_blocks(L) * block_bytes;
-    const int64_t gp = L->n_blocks * BLOCK;
+    const layer_t *G = L->hi_grid;
     /* the common case: an integer high grid in 16-bit entries, no padding */
     const int fast_hi = !L->hi_values && !L->hi_wide && row_blocks(L) * BLOCK == L->n_in;
     int shift = 0;
@@ -203,33 +239,14 @@ static inline __attribute__((always_inline)) void matvec_impl(
                          L->hi_n_groups <= MAX_HI_GROUPS;
     for (int64_t r = r0; r < r1; r++) {
         float out[MAXM];
-        v8f vout[MAXM]; /* the groups' scaled sums, reduced once per row */
-        for (int64_t i = 0; i < m; i++) {
-            out[i] = C->bias ? C->bias[r] : 0.0f;
-            vout[i] = (v8f){};
+        for (int64_t i = 0; i < m; i++) out[i] = C->bias ? C->bias[r] : 0.0f;
+        grid_row(bits, m, L, x, ldx, C->xsum, r, out);
+        if (G) switch (G->bits) { /* a dense high grid */
+            case 2: grid_row(2, m, G, x, ldx, C->xsum_hi, r, out); break;
+            case 3: grid_row(3, m, G, x, ldx, C->xsum_hi, r, out); break;
+            case 4: grid_row(4, m, G, x, ldx, C->xsum_hi, r, out); break;
+            default: grid_row(8, m, G, x, ldx, C->xsum_hi, r, out); break;
         }
-        const uint8_t *pr = L->codes + r * row_bytes;
-        for (int64_t g = 0; g < L->n_groups; g++) {
-            v8f acc[MAXM][4];
-            for (int64_t i = 0; i < m; i++)
-                for (int k = 0; k < 4; k++) acc[i][k] = (v8f){};
-            const int64_t nb = group_blocks(L, g);
-            for (int64_t b = 0; b < nb; b++) {
-                v8f q[4];
-                decode_block(bits, pr + (g * L->n_blocks + b) * block_bytes, q);
-                const float *xb = x + g * gp + b * BLOCK;
-                for (int64_t i = 0; i < m; i++)
-                    for (int k = 0; k < 4; k++)
-                        acc[i][k] += load8f(xb + i * ldx + 8 * k) * q[k];
-            }
-            const float s = half_to_float(L->scales[r * L->n_groups + g]);
-            const float z = (float)L->zeros[r * L->n_groups + g];
-            for (int64_t i = 0; i < m; i++) {
-                vout[i] += ((acc[i][0] + acc[i][1]) + (acc[i][2] + acc[i][3])) * s;
-                out[i] -= s * z * C->xsum[i * L->n_groups + g];
-            }
-        }
-        for (int64_t i = 0; i < m; i++) out[i] += hsum(vout[i]);
         if (L->hi_cols && L->rowptr[r] < L->rowptr[r + 1]) { /* a sparse layer's row list */
             const int64_t e0 = L->rowptr[r], e1 = L->rowptr[r + 1];
             if (m == 1 && row_fast) { /* scales from a table, four independent sums */
@@ -368,14 +385,8 @@ static inline void split_rows(int64_t n, int64_t *r0, int64_t *r1) {
     *r1 = n * (t + 1) / nt;
 }
 
-/* y (m, n_out) = x W^T + bias, 1 <= m <= MAXM, x (m, row_blocks * 32) in the
- * padded layout (zeros in the padding; x itself when every group is a multiple
- * of 32 columns). */
-void lwq_matvec(const layer_t *L, const float *x, int64_t m, int64_t ldx, const float *bias,
-                float *y, int64_t ldy, int threads) {
-    float xsum[MAXM * 64];
-    float *sums = m * L->n_groups <= MAXM * 64 ? xsum : malloc(sizeof(float) * m * L->n_groups);
-    if (!sums) return;
+/* Sums of x over each group of layer L: sums[i * n_groups + g] for row i. */
+static void group_sums(const layer_t *L, const float *x, int64_t m, int64_t ldx, float *sums) {
     const int64_t gp = L->n_blocks * BLOCK;
     for (int64_t i = 0; i < m; i++)
         for (int64_t g = 0; g < L->n_groups; g++) {
@@ -384,23 +395,61 @@ void lwq_matvec(const layer_t *L, const float *x, int64_t m, int64_t ldx, const 
             for (int64_t c = 0; c < group_blocks(L, g) * BLOCK; c++) t += xg[c];
             sums[i * L->n_groups + g] = t;
         }
-    const call_t C = {L, x, m, ldx, sums, bias, y, ldy};
-    matvec_fn fn;
+}
+
+static matvec_fn matvec_kernel(const layer_t *L, int64_t m) {
     switch (L->bits) {
-        case 2: fn = m == 1 ? matvec_2_1 : matvec_2_m; break;
-        case 3: fn = m == 1 ? matvec_3_1 : matvec_3_m; break;
-        case 4: fn = m == 1 ? matvec_4_1 : matvec_4_m; break;
-        default: fn = m == 1 ? matvec_8_1 : matvec_8_m; break;
+        case 2: return m == 1 ? matvec_2_1 : matvec_2_m;
+        case 3: return m == 1 ? matvec_3_1 : matvec_3_m;
+        case 4: return m == 1 ? matvec_4_1 : matvec_4_m;
+        default: return m == 1 ? matvec_8_1 : matvec_8_m;
+    }
+}
+
+/* Layers that read the same input (a block's query, key and value projections,
+ * or its gate and up projections) in one parallel region: n <= MAX_LAYERS
+ * layers, all with the same padded input layout. y (m, ldy) holds the layers'
+ * outputs side by side, layer j's columns starting at the sum of the earlier
+ * layers' n_out; y = x W_j^T + bias[j] (bias[j] may be NULL). 1 <= m <= MAXM,
+ * x (m, row_blocks * 32) in the padded layout (zeros in the padding; x itself
+ * when every group is a multiple of 32 columns). */
+void lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, int64_t ldx,
+                const float *const *bias, float *y, int64_t ldy, int threads) {
+    if (n < 1 || n > MAX_LAYERS) return;
+    int64_t n_sums = 0, first_chunk[MAX_LAYERS + 1] = {0}, offset = 0;
+    call_t calls[MAX_LAYERS];
+    matvec_fn fns[MAX_LAYERS];
+    for (int64_t j = 0; j < n; j++)
+        n_sums += m * (Ls[j]->n_groups + (Ls[j]->hi_grid ? Ls[j]->hi_grid->n_groups : 0));
+    float stack_sums[MAXM * 64];
+    float *sums = n_sums <= MAXM * 64 ? stack_sums : malloc(sizeof(float) * n_sums);
+    if (!sums) return;
+    float *s = sums;
+    for (int64_t j = 0; j < n; j++) {
+        const layer_t *L = Ls[j];
+        float *lo_sums = s, *hi_sums = NULL;
+        group_sums(L, x, m, ldx, lo_sums);
+        s += m * L->n_groups;
+        if (L->hi_grid) {
+            hi_sums = s;
+            group_sums(L->hi_grid, x, m, ldx, hi_sums);
+            s += m * L->hi_grid->n_groups;
+        }
+        calls[j] = (call_t){L, x, m, ldx, lo_sums, hi_sums, bias[j], y + offset, ldy};
+        fns[j] = matvec_kernel(L, m);
+        offset += L->n_out;
+        first_chunk[j + 1] = first_chunk[j] + (L->n_out + ROW_CHUNK - 1) / ROW_CHUNK;
     }
     /* rows in chunks handed out as threads finish: the high-impact entries are
-     * spread unevenly over rows */
-    const int64_t n_chunks = (L->n_out + ROW_CHUNK - 1) / ROW_CHUNK;
+     * spread unevenly over rows and layers */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t k = 0; k < n_chunks; k++) {
-        const int64_t r1 = (k + 1) * ROW_CHUNK;
-        fn(&C, k * ROW_CHUNK, r1 < L->n_out ? r1 : L->n_out);
+    for (int64_t k = 0; k < first_chunk[n]; k++) {
+        int64_t j = 0;
+        while (k >= first_chunk[j + 1]) j++;
+        const int64_t r0 = (k - first_chunk[j]) * ROW_CHUNK, r1 = r0 + ROW_CHUNK;
+        fns[j](&calls[j], r0, r1 < Ls[j]->n_out ? r1 : Ls[j]->n_out);
     }
-    if (sums != xsum) free(sums);
+    if (sums != stack_sums) free(sums);
 }
 
 /* w (n_out, n_in), row stride ldw: the layer's float weight. */
@@ -508,4 +557,4 @@ void lwq_half_matvec(const uint16_t *w, int64_t n_out, int64_t n_in, int bf16, c
     }
 }
 
-int lwq_abi_version(void) { return 1; }
+int lwq_abi_version(void) { return 2; }

@@ -19,7 +19,12 @@ once into this layout, which keeps about the same bytes and can be:
   float16 high grid. A layer with fewer than ``ROW_LIST_BELOW`` entries per
   group on average keeps one list per row instead (``hi_cols`` uint16 and
   ``hi_codes`` int8, code minus zero), which the kernels walk without a step
-  per group.
+  per group. A layer where at least ``DENSE_HI_FROM`` of the weights are
+  high-impact keeps them as a second grid laid out like ``codes``
+  (``hi_grid_codes``, with ``hi_zeros``): the high code at the high-impact
+  places, the high zero everywhere else, so the layer is the sum of two
+  dense products: faster than walking a list that long, and from a quarter of
+  the weights on also smaller.
 
 Every operation here is plain torch and runs on any device (it is the path on
 CUDA and wherever the native kernels are not built); ``lwq.runtime.native``
@@ -37,6 +42,7 @@ from lwq.quant.types import QuantizedWeight
 
 BLOCK = 32
 ROW_LIST_BELOW = 8  # mean entries per (row, high group) under which a layer's list is per row
+DENSE_HI_FROM = 0.125  # share of high-impact weights from which they are kept as a dense grid
 LAYOUT_BITS = (2, 3, 4, 8)
 
 
@@ -63,6 +69,10 @@ class Layout:
     hi_codes: torch.Tensor | None = None  # (n_hi,) int8 code - zero: sparse layers
     hi_group: int = 0
     hi_code_bits: int = 0  # low bits of an entry holding code - zero + 2**(bits - 1)
+    # A dense high grid (layers with many high-impact weights; no lists then):
+    hi_grid_codes: torch.Tensor | None = None  # like codes, at hi_bits; the zero elsewhere
+    hi_zeros: torch.Tensor | None = None  # (n_out, hi_n_groups) uint8
+    hi_bits: int = 0
 
     @property
     def padded_group(self) -> int:
@@ -82,6 +92,26 @@ class Layout:
         out = x.new_zeros(m, self.n_groups, self.padded_group)
         out[:, :, :g] = flat.view(m, self.n_groups, g)
         return out.view(m, -1)[:, :width].contiguous()
+
+    def hi_grid(self) -> Layout | None:
+        """The dense high grid as a layer of its own (its weights are zero off
+        the high-impact places, as the low grid's are on them), or None."""
+        if self.hi_grid_codes is None:
+            return None
+        assert self.hi_scales is not None and self.hi_zeros is not None
+        n_groups = self.hi_scales.shape[1]
+        return Layout(
+            n_out=self.n_out,
+            n_in=self.n_in,
+            bits=self.hi_bits,
+            group=self.hi_group,
+            n_groups=n_groups,
+            n_blocks=self.hi_group // BLOCK,
+            last_blocks=-(-(self.n_in - (n_groups - 1) * self.hi_group) // BLOCK),
+            codes=self.hi_grid_codes,
+            scales=self.hi_scales,
+            zeros=self.hi_zeros,
+        )
 
     @property
     def n_hi(self) -> int:
@@ -120,13 +150,7 @@ def build_layout(name: str, qw: QuantizedWeight) -> Layout:
     zeros = qw.zeros.round().to(torch.uint8)
     codes = qw.codes.clone()
     if qw.mask is not None:
-        g_idx = lo.group_index(n_in)
-        codes[qw.mask] = zeros[:, g_idx][qw.mask]
-    padded = torch.zeros(n_out, n_groups * group, dtype=torch.uint8)
-    padded[:, :n_in] = codes
-    padded = padded.view(n_out, n_groups, group)
-    blocks = torch.zeros(n_out, n_groups, n_blocks * BLOCK, dtype=torch.uint8)
-    blocks[:, :, :group] = padded
+        codes[qw.mask] = zeros[:, lo.group_index(n_in)][qw.mask]
     layout = Layout(
         n_out=n_out,
         n_in=n_in,
@@ -135,12 +159,7 @@ def build_layout(name: str, qw: QuantizedWeight) -> Layout:
         n_groups=n_groups,
         n_blocks=n_blocks,
         last_blocks=last_blocks,
-        codes=_pack_blocks(
-            blocks.view(n_out, -1, BLOCK)[:, : (n_groups - 1) * n_blocks + last_blocks].reshape(
-                -1, BLOCK
-            ),
-            lo.bits,
-        ).view(n_out, -1),
+        codes=_grid_codes(codes, group, n_groups, n_blocks, last_blocks, lo.bits),
         scales=qw.scales.to(torch.float16),
         zeros=zeros,
     )
@@ -148,8 +167,24 @@ def build_layout(name: str, qw: QuantizedWeight) -> Layout:
         return layout
     hi = qw.hi
     assert hi is not None
-    rows, cols = torch.nonzero(qw.mask, as_tuple=True)  # row-major: rows, groups, columns
     hi_group, hi_n_groups = hi.group_len(n_in), hi.n_groups(n_in)
+    if _dense_high_grid(qw, layout, hi_group):
+        assert qw.hi_scales is not None and qw.hi_zeros is not None
+        hi_zeros = qw.hi_zeros.round().to(torch.uint8)
+        hi_codes = hi_zeros[:, hi.group_index(n_in)].clone()
+        hi_codes[qw.mask] = qw.codes[qw.mask].to(torch.uint8)
+        last = (n_in - (hi_n_groups - 1) * hi_group) // BLOCK
+        return replace(
+            layout,
+            hi_grid_codes=_grid_codes(
+                hi_codes, hi_group, hi_n_groups, hi_group // BLOCK, last, hi.bits
+            ),
+            hi_scales=qw.hi_scales.to(torch.float16),
+            hi_zeros=hi_zeros,
+            hi_group=hi_group,
+            hi_bits=hi.bits,
+        )
+    rows, cols = torch.nonzero(qw.mask, as_tuple=True)  # row-major: rows, groups, columns
     groups = cols // hi_group
     counts = torch.bincount(rows * hi_n_groups + groups, minlength=n_out * hi_n_groups)
     rowptr = torch.zeros(n_out + 1, dtype=torch.int32)
@@ -186,6 +221,39 @@ def build_layout(name: str, qw: QuantizedWeight) -> Layout:
         hi_group=hi_group,
         hi_code_bits=code_bits,
         **extra,  # type: ignore[arg-type]
+    )
+
+
+def _grid_codes(
+    codes: torch.Tensor, group: int, n_groups: int, n_blocks: int, last_blocks: int, bits: int
+) -> torch.Tensor:
+    """(n_out, n_in) codes -> (n_out, row_blocks * 4 * bits) bytes: each group
+    padded to whole 32-column blocks, each block packed as ``kernels.c`` reads it."""
+    n_out, n_in = codes.shape
+    padded = torch.zeros(n_out, n_groups * group, dtype=torch.uint8)
+    padded[:, :n_in] = codes
+    blocks = torch.zeros(n_out, n_groups, n_blocks * BLOCK, dtype=torch.uint8)
+    blocks[:, :, :group] = padded.view(n_out, n_groups, group)
+    whole = blocks.view(n_out, -1, BLOCK)[:, : (n_groups - 1) * n_blocks + last_blocks]
+    return _pack_blocks(whole.reshape(-1, BLOCK), bits).view(n_out, -1)
+
+
+def _dense_high_grid(qw: QuantizedWeight, layout: Layout, hi_group: int) -> bool:
+    """Whether the high-impact weights are cheaper as a dense grid of their own
+    than as a list: at least ``DENSE_HI_FROM`` of the weights, an integer grid
+    of a width the kernels read, and groups of whole 32-column blocks (so both
+    grids read the activations in the same layout)."""
+    hi, n_out, n_in = qw.hi, *qw.shape
+    assert hi is not None and qw.mask is not None
+    return (
+        not hi.is_float
+        and hi.bits in LAYOUT_BITS
+        and hi_group % BLOCK == 0
+        and n_in % BLOCK == 0
+        and layout.row_blocks * BLOCK == n_in
+        and qw.hi_zeros is not None
+        and bool((qw.hi_zeros == qw.hi_zeros.round()).all())
+        and int(qw.mask.sum()) >= DENSE_HI_FROM * n_out * n_in
     )
 
 
@@ -245,6 +313,9 @@ def dequantize(layout: Layout) -> torch.Tensor:
     s = L.scales.to(torch.float32)[:, :, None]
     z = L.zeros.to(torch.float32)[:, :, None]
     w = (s * (q - z)).reshape(L.n_out, L.n_groups * L.group)[:, : L.n_in].contiguous()
+    hi = L.hi_grid()
+    if hi is not None:  # zero where the other grid holds the weight: the sum is exact
+        return w.add_(dequantize(hi))
     if L.rowptr is None:
         return w
     rows, cols, values = hi_entries(L)

@@ -23,6 +23,8 @@ class QuantLinear(nn.Module):
     (prefill, evaluation) dequantises the weight into a temporary and uses the
     float matrix product, so the float weight never stays in memory. Elsewhere
     (CUDA, no compiler) the pure-torch path dequantises and multiplies.
+    Layers that read the same input (``Siblings``, found by ``share_inputs``)
+    make one native call for all of them.
     ``transposed`` records that the original was a ``Conv1D``: the computed
     function, x W^T + b with W (out, in), is the same.
     """
@@ -41,6 +43,8 @@ class QuantLinear(nn.Module):
         self._layout: Layout | None = layout
         self._c: Any = None  # the C view of the buffers, made on the first native call
         self._bound: tuple[Any, ...] | None = None
+        self.recorder: InputRecorder | None = None  # see share_inputs
+        self.siblings: Siblings | None = None
 
     @property
     def layout(self) -> Layout:
@@ -58,6 +62,8 @@ class QuantLinear(nn.Module):
         # Buffers may move (``.to(device)``); the C view would point at the old ones.
         # Codes, scales and zeros keep their dtypes: only the bias follows a dtype cast.
         self._c = self._layout = self._bound = None
+        if self.siblings is not None:
+            self.siblings.unbind()
         keep = {k: getattr(self, k) for k in self._empty.tensors()}
         super()._apply(fn, recurse)
         for key, before in keep.items():
@@ -78,26 +84,33 @@ class QuantLinear(nn.Module):
             self._c = kernels.describe(self.layout)
         return self._c
 
-    def _matvec(self, kernels: native.Kernels) -> Callable[..., torch.Tensor]:
+    def _matvec(self, kernels: native.Kernels) -> Callable[[torch.Tensor, int], torch.Tensor]:
         if self._bound is None or self._bound[0] is not kernels:
             c = self._c_view(kernels)
             bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            call = kernels.bind_matvec(c, self.layout, bias)
+            call = kernels.bind_matvec([c], [self.layout], [bias])
             self._bound = (kernels, call, c, bias)  # c and bias: alive as long as call
         return self._bound[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decoding calls this once per layer and token: the fast path is kept short
         # (each torch call costs microseconds; a token makes hundreds of these calls).
+        if self.recorder is not None:
+            self.recorder.see(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cpu and x.numel() <= native.MAX_ROWS * self.in_features:
             kernels = native.kernels()
             if kernels is not None:
                 if x.dtype is not torch.float32 or not x.is_contiguous():
-                    return self.forward(x.float().contiguous()).to(x.dtype)
+                    return self._forward(x.float().contiguous()).to(x.dtype)
+                shape = (*x.shape[:-1], self.out_features)
+                if self.siblings is not None:
+                    return self.siblings.output(self, x, kernels).view(shape)
                 bound = self._bound
                 call = bound[1] if bound is not None and bound[0] is kernels else None
-                m = x.numel() // self.in_features
-                return (call or self._matvec(kernels))(x, m, (*x.shape[:-1], self.out_features))
+                return (call or self._matvec(kernels))(x, x.numel() // self.in_features).view(shape)
         rows = x.reshape(-1, self.in_features)
         w = self.weight_fp().to(x.dtype)
         y = nn.functional.linear(rows, w, None if self.bias is None else self.bias.to(x.dtype))
@@ -109,6 +122,124 @@ class QuantLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, "
             f"lo={self.lo.bits}b g{self.lo.group_size}{hi}"
         )
+
+
+def _version(x: torch.Tensor) -> int:
+    """The tensor's in-place change counter (inference tensors have none)."""
+    return -1 if x.is_inference() else x._version
+
+
+class Siblings:
+    """Layers that read the same input tensor one after another (a block's
+    query, key and value projections; its gate and up projections): the first
+    of them called with an input computes every member in one native call and
+    keeps the others' outputs until they are called with that same tensor,
+    unchanged. A call with another input recomputes; when outputs computed
+    ahead go unused ``MAX_WASTED`` times, the group dissolves and its members
+    compute alone again."""
+
+    MAX_WASTED = 3
+
+    def __init__(self, members: list[QuantLinear]) -> None:
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self._bound: tuple[native.Kernels, Callable[..., torch.Tensor], list[Any]] | None = None
+        self._pending: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
+        self.wasted = 0
+        for member in members:
+            member.siblings = self
+
+    def output(self, layer: QuantLinear, x: torch.Tensor, kernels: native.Kernels) -> torch.Tensor:
+        """Layer's (m, out_features) output for x (float32, contiguous, m <= MAX_ROWS)."""
+        pending, version = self._pending, _version(x)
+        if pending is not None and pending[0] is x and pending[1] == version:
+            y = pending[2].pop(id(layer), None)
+            if y is not None:
+                if not pending[2]:
+                    self._pending = None
+                return y
+        if pending is not None and pending[2]:
+            self.wasted += 1
+            if self.wasted >= self.MAX_WASTED:
+                self.dissolve()
+                return layer._forward(x).reshape(-1, layer.out_features)
+        bound = self._bound
+        if bound is None or bound[0] is not kernels:
+            bound = self._bind(kernels)
+        m = x.numel() // layer.in_features
+        parts = bound[1](x, m).split(self.sizes, dim=1)
+        if m > 1:
+            parts = tuple(p.contiguous() for p in parts)
+        outputs = {id(member): y for member, y in zip(self.members, parts, strict=True)}
+        mine = outputs.pop(id(layer))
+        self._pending = (x, version, outputs)
+        return mine
+
+    def _bind(self, kernels: native.Kernels) -> tuple[Any, ...]:
+        views = [member._c_view(kernels) for member in self.members]
+        biases = [
+            None if member.bias is None else member.bias.detach().float().contiguous()
+            for member in self.members
+        ]
+        call = kernels.bind_matvec(views, [member.layout for member in self.members], biases)
+        self._bound = (kernels, call, [views, biases])  # alive as long as call
+        return self._bound
+
+    def unbind(self) -> None:
+        """Forget the native call (a member's buffers moved)."""
+        self._bound = self._pending = None
+
+    def dissolve(self) -> None:
+        for member in self.members:
+            member.siblings = None
+        self.unbind()
+
+
+def _shares_layout(a: QuantLinear, b: QuantLinear) -> bool:
+    la, lb = a.layout, b.layout
+    return (la.n_in, la.group, la.n_blocks) == (lb.n_in, lb.group, lb.n_blocks)
+
+
+class InputRecorder:
+    """Watches one forward pass and groups layers called in a row with the same
+    input tensor into ``Siblings``: the pass ends when a layer is called a
+    second time (the next pass has begun). Only the last input is held."""
+
+    def __init__(self, layers: list[QuantLinear]) -> None:
+        self.layers = layers
+        self.runs: list[list[QuantLinear]] = []
+        self.last: torch.Tensor | None = None
+        self.seen: set[int] = set()
+        for layer in layers:
+            layer.recorder = self
+
+    def see(self, layer: QuantLinear, x: torch.Tensor) -> None:
+        if id(layer) in self.seen:
+            self.finish()
+            return
+        self.seen.add(id(layer))
+        run = self.runs[-1] if self.runs else None
+        if run is not None and x is self.last and _shares_layout(run[0], layer):
+            run.append(layer)
+        else:
+            self.runs.append([layer])
+        self.last = x
+
+    def finish(self) -> None:
+        for layer in self.layers:
+            layer.recorder = None
+        self.last = None
+        for run in self.runs:
+            if 2 <= len(run) <= native.MAX_LAYERS and all(m.codes.is_cpu for m in run):
+                Siblings(run)
+
+
+def share_inputs(model: nn.Module) -> None:
+    """Let the model's packed layers that read the same input compute together
+    when decoding (``Siblings``); the groups are found in the first forward pass."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if len(layers) > 1:
+        InputRecorder(layers)
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)

@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -43,33 +43,38 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.c")
 MODES = ("auto", "native", "torch")
 MAX_ROWS = 8  # activation rows per call of the matrix-vector kernel (MAXM in kernels.c)
-ABI_VERSION = 1
+MAX_LAYERS = 8  # layers in one matrix-vector call (MAX_LAYERS in kernels.c)
+ABI_VERSION = 2
 
 
 class _LayerT(ctypes.Structure):
-    _fields_ = [
-        ("n_out", ctypes.c_int64),
-        ("n_in", ctypes.c_int64),
-        ("bits", ctypes.c_int64),
-        ("group", ctypes.c_int64),
-        ("n_groups", ctypes.c_int64),
-        ("n_blocks", ctypes.c_int64),
-        ("last_blocks", ctypes.c_int64),
-        ("codes", ctypes.c_void_p),
-        ("scales", ctypes.c_void_p),
-        ("zeros", ctypes.c_void_p),
-        ("rowptr", ctypes.c_void_p),
-        ("hi_counts", ctypes.c_void_p),
-        ("hi_entries", ctypes.c_void_p),
-        ("hi_scales", ctypes.c_void_p),
-        ("hi_values", ctypes.c_void_p),
-        ("hi_cols", ctypes.c_void_p),
-        ("hi_codes", ctypes.c_void_p),
-        ("hi_group", ctypes.c_int64),
-        ("hi_n_groups", ctypes.c_int64),
-        ("hi_code_bits", ctypes.c_int64),
-        ("hi_wide", ctypes.c_int64),
-    ]
+    pass
+
+
+_LayerT._fields_ = [
+    ("n_out", ctypes.c_int64),
+    ("n_in", ctypes.c_int64),
+    ("bits", ctypes.c_int64),
+    ("group", ctypes.c_int64),
+    ("n_groups", ctypes.c_int64),
+    ("n_blocks", ctypes.c_int64),
+    ("last_blocks", ctypes.c_int64),
+    ("codes", ctypes.c_void_p),
+    ("scales", ctypes.c_void_p),
+    ("zeros", ctypes.c_void_p),
+    ("rowptr", ctypes.c_void_p),
+    ("hi_counts", ctypes.c_void_p),
+    ("hi_entries", ctypes.c_void_p),
+    ("hi_scales", ctypes.c_void_p),
+    ("hi_values", ctypes.c_void_p),
+    ("hi_cols", ctypes.c_void_p),
+    ("hi_codes", ctypes.c_void_p),
+    ("hi_group", ctypes.c_int64),
+    ("hi_n_groups", ctypes.c_int64),
+    ("hi_code_bits", ctypes.c_int64),
+    ("hi_wide", ctypes.c_int64),
+    ("hi_grid", ctypes.POINTER(_LayerT)),
+]
 
 
 def kernel_mode() -> str:
@@ -130,7 +135,7 @@ class Kernels:
         if lib.lwq_abi_version() != ABI_VERSION:
             raise OSError(f"{path}: kernel ABI {lib.lwq_abi_version()}, expected {ABI_VERSION}")
         ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.lwq_matvec.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, cint]
+        lib.lwq_matvec.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, cint]
         lib.lwq_matvec.restype = None
         lib.lwq_dequantize.argtypes = [ptr, ptr, i64, cint]
         lib.lwq_dequantize.restype = None
@@ -149,7 +154,8 @@ class Kernels:
             assert t.device.type == "cpu" and t.is_contiguous()
             return t.data_ptr()
 
-        return _LayerT(
+        hi = L.hi_grid()
+        c = _LayerT(
             L.n_out,
             L.n_in,
             L.bits,
@@ -172,33 +178,64 @@ class Kernels:
             L.hi_code_bits,
             int(L.hi_entries is not None and L.hi_entries.dtype == torch.int32),
         )
+        if hi is not None:
+            c.hi_grid = ctypes.pointer(Kernels.describe(hi))  # kept alive by c
+        return c
 
     def dequantize(self, c_layer: _LayerT, L: Layout) -> torch.Tensor:
+        """The (n_out, n_in) float32 weight."""
         w = torch.empty(L.n_out, L.n_in, dtype=torch.float32)
         self.lib.lwq_dequantize(
             ctypes.byref(c_layer), w.data_ptr(), L.n_in, torch.get_num_threads()
         )
+        hi = L.hi_grid()
+        if hi is not None:  # zero where the low grid holds the weight: the sum is exact
+            w.add_(self.dequantize(c_layer.hi_grid.contents, hi))
         return w
 
     def bind_matvec(
-        self, c_layer: _LayerT, L: Layout, bias: torch.Tensor | None
-    ) -> Callable[[torch.Tensor, int, tuple[int, ...]], torch.Tensor]:
-        """The matrix-vector call with everything but the activations bound.
+        self,
+        c_layers: Sequence[_LayerT],
+        layouts: Sequence[Layout],
+        biases: Sequence[torch.Tensor | None],
+    ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """The matrix-vector call of layers that read the same input, with
+        everything but the activations bound.
 
-        ``call(x, m, shape)``: x holds m <= MAX_ROWS rows of n_in float32,
-        contiguous; the result is a new float32 tensor of ``shape`` (m * n_out
-        values). Decoding makes this call once per layer and token, so the
-        Python in it is kept short. ``c_layer`` and ``bias`` must outlive it."""
-        fn, addr, n_in, n_out = self.lib.lwq_matvec, ctypes.addressof(c_layer), L.n_in, L.n_out
-        pad = None if L.row_blocks * BLOCK == n_in else L.pad_input
-        bias_ptr = None if bias is None else bias.data_ptr()
+        ``call(x, m)``: x holds m <= MAX_ROWS rows of n_in float32, contiguous;
+        the result is a new (m, sum of n_out) float32 tensor, the layers' outputs
+        side by side. Decoding makes this call once per layer (or group of
+        layers) and token, so the Python in it is kept short. ``c_layers`` and
+        ``biases`` must outlive it; the layouts must share n_in and padding."""
+        first = layouts[0]
+        assert 1 <= len(layouts) <= MAX_LAYERS and all(
+            (L.n_in, L.group, L.n_blocks) == (first.n_in, first.group, first.n_blocks)
+            for L in layouts
+        )
+        fn, n_in, n_layers = self.lib.lwq_matvec, first.n_in, len(layouts)
+        n_out = sum(L.n_out for L in layouts)
+        addrs = (ctypes.c_void_p * n_layers)(*(ctypes.addressof(c) for c in c_layers))
+        bias_ptrs = (ctypes.c_void_p * n_layers)(
+            *(None if b is None else b.data_ptr() for b in biases)
+        )
+        pad = None if first.row_blocks * BLOCK == n_in else first.pad_input
 
-        def call(x: torch.Tensor, m: int, shape: tuple[int, ...]) -> torch.Tensor:
+        def call(x: torch.Tensor, m: int) -> torch.Tensor:
             if pad is not None:
                 x = pad(x.reshape(m, n_in))
-            y = torch.empty(shape)
+            y = torch.empty(m, n_out)
             ldx = x.shape[-1] if pad is not None else n_in
-            fn(addr, x.data_ptr(), m, ldx, bias_ptr, y.data_ptr(), n_out, torch.get_num_threads())
+            fn(
+                addrs,
+                n_layers,
+                x.data_ptr(),
+                m,
+                ldx,
+                bias_ptrs,
+                y.data_ptr(),
+                n_out,
+                torch.get_num_threads(),
+            )
             return y
 
         return call
