@@ -19,12 +19,12 @@ once into this layout, which keeps about the same bytes and can be:
   float16 high grid. A layer with fewer than ``ROW_LIST_BELOW`` entries per
   group on average keeps one list per row instead (``hi_cols`` uint16 and
   ``hi_codes`` int8, code minus zero), which the kernels walk without a step
-  per group. A layer where at least ``DENSE_HI_FROM`` of the weights are
-  high-impact keeps them as a second grid laid out like ``codes``
-  (``hi_grid_codes``, with ``hi_zeros``): the high code at the high-impact
-  places, the high zero everywhere else, so the layer is the sum of two
-  dense products: faster than walking a list that long, and from a quarter of
-  the weights on also smaller.
+  per group. A layer with so many high-impact weights that a second grid laid
+  out like ``codes`` takes no more bytes than the list (about a quarter of the
+  weights at 4 bits) keeps them that way (``hi_grid_codes``, with
+  ``hi_zeros``): the high code at the high-impact places, the high zero
+  everywhere else, so the layer is the sum of two dense products, which is
+  also faster than walking the list.
 
 Every operation here is plain torch and runs on any device (it is the path on
 CUDA and wherever the native kernels are not built); ``lwq.runtime.native``
@@ -42,7 +42,6 @@ from lwq.quant.types import QuantizedWeight
 
 BLOCK = 32
 ROW_LIST_BELOW = 8  # mean entries per (row, high group) under which a layer's list is per row
-DENSE_HI_FROM = 0.125  # share of high-impact weights from which they are kept as a dense grid
 LAYOUT_BITS = (2, 3, 4, 8)
 
 
@@ -165,25 +164,39 @@ def build_layout(name: str, qw: QuantizedWeight) -> Layout:
     )
     if qw.mask is None or not bool(qw.mask.any()):
         return layout
-    hi = qw.hi
-    assert hi is not None
+    listed = _high_lists(layout, qw)
+    if not _grid_fits(qw, layout):
+        return listed
+    grid = _high_grid(layout, qw)
+    return grid if grid.nbytes <= listed.nbytes else listed
+
+
+def _high_grid(layout: Layout, qw: QuantizedWeight) -> Layout:
+    """The high-impact weights as a second grid in the low grid's block layout:
+    the high code at the high-impact places, the high zero elsewhere."""
+    hi, n_in = qw.hi, qw.shape[1]
+    assert hi is not None and qw.mask is not None
+    assert qw.hi_scales is not None and qw.hi_zeros is not None
     hi_group, hi_n_groups = hi.group_len(n_in), hi.n_groups(n_in)
-    if _dense_high_grid(qw, layout, hi_group):
-        assert qw.hi_scales is not None and qw.hi_zeros is not None
-        hi_zeros = qw.hi_zeros.round().to(torch.uint8)
-        hi_codes = hi_zeros[:, hi.group_index(n_in)].clone()
-        hi_codes[qw.mask] = qw.codes[qw.mask].to(torch.uint8)
-        last = (n_in - (hi_n_groups - 1) * hi_group) // BLOCK
-        return replace(
-            layout,
-            hi_grid_codes=_grid_codes(
-                hi_codes, hi_group, hi_n_groups, hi_group // BLOCK, last, hi.bits
-            ),
-            hi_scales=qw.hi_scales.to(torch.float16),
-            hi_zeros=hi_zeros,
-            hi_group=hi_group,
-            hi_bits=hi.bits,
-        )
+    hi_zeros = qw.hi_zeros.round().to(torch.uint8)
+    hi_codes = hi_zeros[:, hi.group_index(n_in)]
+    hi_codes[qw.mask] = qw.codes[qw.mask].to(torch.uint8)
+    blocks, last = hi_group // BLOCK, (n_in - (hi_n_groups - 1) * hi_group) // BLOCK
+    return replace(
+        layout,
+        hi_grid_codes=_grid_codes(hi_codes, hi_group, hi_n_groups, blocks, last, hi.bits),
+        hi_scales=qw.hi_scales.to(torch.float16),
+        hi_zeros=hi_zeros,
+        hi_group=hi_group,
+        hi_bits=hi.bits,
+    )
+
+
+def _high_lists(layout: Layout, qw: QuantizedWeight) -> Layout:
+    """The high-impact weights as a list sorted by row and high group."""
+    hi, (n_out, n_in) = qw.hi, qw.shape
+    assert hi is not None and qw.mask is not None
+    hi_group, hi_n_groups = hi.group_len(n_in), hi.n_groups(n_in)
     rows, cols = torch.nonzero(qw.mask, as_tuple=True)  # row-major: rows, groups, columns
     groups = cols // hi_group
     counts = torch.bincount(rows * hi_n_groups + groups, minlength=n_out * hi_n_groups)
@@ -238,22 +251,20 @@ def _grid_codes(
     return _pack_blocks(whole.reshape(-1, BLOCK), bits).view(n_out, -1)
 
 
-def _dense_high_grid(qw: QuantizedWeight, layout: Layout, hi_group: int) -> bool:
-    """Whether the high-impact weights are cheaper as a dense grid of their own
-    than as a list: at least ``DENSE_HI_FROM`` of the weights, an integer grid
-    of a width the kernels read, and groups of whole 32-column blocks (so both
-    grids read the activations in the same layout)."""
-    hi, n_out, n_in = qw.hi, *qw.shape
-    assert hi is not None and qw.mask is not None
+def _grid_fits(qw: QuantizedWeight, layout: Layout) -> bool:
+    """Whether the high-impact weights can be a second grid: an integer grid of
+    a width the kernels read, integer zeros, and groups of whole 32-column
+    blocks on both grids (so both read the activations in the same layout)."""
+    hi, n_in = qw.hi, qw.shape[1]
+    assert hi is not None
     return (
         not hi.is_float
         and hi.bits in LAYOUT_BITS
-        and hi_group % BLOCK == 0
-        and n_in % BLOCK == 0
+        and hi.group_len(n_in) % BLOCK == 0
         and layout.row_blocks * BLOCK == n_in
+        and n_in % BLOCK == 0
         and qw.hi_zeros is not None
         and bool((qw.hi_zeros == qw.hi_zeros.round()).all())
-        and int(qw.mask.sum()) >= DENSE_HI_FROM * n_out * n_in
     )
 
 
