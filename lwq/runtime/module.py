@@ -45,6 +45,7 @@ class QuantLinear(nn.Module):
         self._bound: tuple[Any, ...] | None = None
         self.recorder: InputRecorder | None = None  # see share_inputs
         self.siblings: Siblings | None = None
+        self.sibling_index = 0
 
     @property
     def layout(self) -> Layout:
@@ -107,7 +108,7 @@ class QuantLinear(nn.Module):
                     return self._forward(x.float().contiguous()).to(x.dtype)
                 shape = (*x.shape[:-1], self.out_features)
                 if self.siblings is not None:
-                    return self.siblings.output(self, x, kernels).view(shape)
+                    return self.siblings.output(self, x, kernels).reshape(shape)
                 bound = self._bound
                 call = bound[1] if bound is not None and bound[0] is kernels else None
                 return (call or self._matvec(kernels))(x, x.numel() // self.in_features).view(shape)
@@ -142,38 +143,39 @@ class Siblings:
 
     def __init__(self, members: list[QuantLinear]) -> None:
         self.members = members
-        self.sizes = [m.out_features for m in members]
+        self._columns, start = [], 0  # each member's columns of the group's output
+        for m in members:
+            self._columns.append(slice(start, start + m.out_features))
+            start += m.out_features
+        self._everyone = (1 << len(members)) - 1
         self._bound: tuple[native.Kernels, Callable[..., torch.Tensor], list[Any]] | None = None
-        self._pending: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
+        # the input, its version, the members' outputs side by side, who took theirs
+        self._pending: list[Any] | None = None
         self.wasted = 0
-        for member in members:
-            member.siblings = self
+        for i, member in enumerate(members):
+            member.siblings, member.sibling_index = self, i
 
     def output(self, layer: QuantLinear, x: torch.Tensor, kernels: native.Kernels) -> torch.Tensor:
-        """Layer's (m, out_features) output for x (float32, contiguous, m <= MAX_ROWS)."""
-        pending, version = self._pending, _version(x)
-        if pending is not None and pending[0] is x and pending[1] == version:
-            y = pending[2].pop(id(layer), None)
-            if y is not None:
-                if not pending[2]:
+        """Layer's (m, out_features) output for x (float32, contiguous, m <= MAX_ROWS);
+        a view into the group's output, contiguous when m is 1."""
+        i, pending = layer.sibling_index, self._pending
+        if pending is not None:
+            if pending[0] is x and not pending[3] >> i & 1 and pending[1] == _version(x):
+                pending[3] |= 1 << i
+                if pending[3] == self._everyone:
                     self._pending = None
-                return y
-        if pending is not None and pending[2]:
-            self.wasted += 1
-            if self.wasted >= self.MAX_WASTED:
-                self.dissolve()
-                return layer._forward(x).reshape(-1, layer.out_features)
+                return pending[2][:, self._columns[i]]
+            if pending[3] != self._everyone:
+                self.wasted += 1
+                if self.wasted >= self.MAX_WASTED:
+                    self.dissolve()
+                    return layer._forward(x).reshape(-1, layer.out_features)
         bound = self._bound
         if bound is None or bound[0] is not kernels:
             bound = self._bind(kernels)
-        m = x.numel() // layer.in_features
-        parts = bound[1](x, m).split(self.sizes, dim=1)
-        if m > 1:
-            parts = tuple(p.contiguous() for p in parts)
-        outputs = {id(member): y for member, y in zip(self.members, parts, strict=True)}
-        mine = outputs.pop(id(layer))
-        self._pending = (x, version, outputs)
-        return mine
+        y = bound[1](x, x.numel() // layer.in_features)
+        self._pending = [x, _version(x), y, 1 << i]
+        return y[:, self._columns[i]]
 
     def _bind(self, kernels: native.Kernels) -> tuple[Any, ...]:
         views = [member._c_view(kernels) for member in self.members]
