@@ -135,9 +135,10 @@ class Siblings:
     query, key and value projections; its gate and up projections): the first
     of them called with an input computes every member in one native call and
     keeps the others' outputs until they are called with that same tensor,
-    unchanged. A call with another input recomputes; when outputs computed
-    ahead go unused ``MAX_WASTED`` times, the group dissolves and its members
-    compute alone again."""
+    unchanged (its version counter; an inference-mode tensor has none, so there
+    the same object is taken as unchanged). A call with another input
+    recomputes; when outputs computed ahead go unused ``MAX_WASTED`` times, the
+    group dissolves and its members compute alone again."""
 
     MAX_WASTED = 3
 
