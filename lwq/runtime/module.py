@@ -87,10 +87,7 @@ class QuantLinear(nn.Module):
 
     def _matvec(self, kernels: native.Kernels) -> Callable[[torch.Tensor, int], torch.Tensor]:
         if self._bound is None or self._bound[0] is not kernels:
-            c = self._c_view(kernels)
-            bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            call = kernels.bind_matvec([c], [self.layout], [bias])
-            self._bound = (kernels, call, c, bias)  # c and bias: alive as long as call
+            self._bound = _bind(kernels, [self])
         return self._bound[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +146,7 @@ class Siblings:
             self._columns.append(slice(start, start + m.out_features))
             start += m.out_features
         self._everyone = (1 << len(members)) - 1
-        self._bound: tuple[native.Kernels, Callable[..., torch.Tensor], list[Any]] | None = None
+        self._bound: tuple[Any, ...] | None = None
         # the input, its version, the members' outputs side by side, who took theirs
         self._pending: list[Any] | None = None
         self.wasted = 0
@@ -173,20 +170,10 @@ class Siblings:
                     return layer._forward(x).reshape(-1, layer.out_features)
         bound = self._bound
         if bound is None or bound[0] is not kernels:
-            bound = self._bind(kernels)
+            bound = self._bound = _bind(kernels, self.members)
         y = bound[1](x, x.numel() // layer.in_features)
         self._pending = [x, _version(x), y, 1 << i]
         return y[:, self._columns[i]]
-
-    def _bind(self, kernels: native.Kernels) -> tuple[Any, ...]:
-        views = [member._c_view(kernels) for member in self.members]
-        biases = [
-            None if member.bias is None else member.bias.detach().float().contiguous()
-            for member in self.members
-        ]
-        call = kernels.bind_matvec(views, [member.layout for member in self.members], biases)
-        self._bound = (kernels, call, [views, biases])  # alive as long as call
-        return self._bound
 
     def unbind(self) -> None:
         """Forget the native call (a member's buffers moved)."""
@@ -198,9 +185,14 @@ class Siblings:
         self.unbind()
 
 
-def _shares_layout(a: QuantLinear, b: QuantLinear) -> bool:
-    la, lb = a.layout, b.layout
-    return (la.n_in, la.group, la.n_blocks) == (lb.n_in, lb.group, lb.n_blocks)
+def _bind(kernels: native.Kernels, layers: list[QuantLinear]) -> tuple[Any, ...]:
+    """(kernels, the layers' native matrix-vector call, what the call borrows)."""
+    views = [layer._c_view(kernels) for layer in layers]
+    biases = [
+        None if layer.bias is None else layer.bias.detach().float().contiguous() for layer in layers
+    ]
+    call = kernels.bind_matvec(views, [layer.layout for layer in layers], biases)
+    return (kernels, call, views, biases)  # views and biases: alive as long as call
 
 
 class InputRecorder:
@@ -222,7 +214,7 @@ class InputRecorder:
             return
         self.seen.add(id(layer))
         run = self.runs[-1] if self.runs else None
-        if run is not None and x is self.last and _shares_layout(run[0], layer):
+        if run is not None and x is self.last and run[0].layout.reads == layer.layout.reads:
             run.append(layer)
         else:
             self.runs.append([layer])

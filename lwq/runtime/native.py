@@ -208,10 +208,7 @@ class Kernels:
         layers) and token, so the Python in it is kept short. ``c_layers`` and
         ``biases`` must outlive it; the layouts must share n_in and padding."""
         first = layouts[0]
-        assert 1 <= len(layouts) <= MAX_LAYERS and all(
-            (L.n_in, L.group, L.n_blocks) == (first.n_in, first.group, first.n_blocks)
-            for L in layouts
-        )
+        assert 1 <= len(layouts) <= MAX_LAYERS and all(L.reads == first.reads for L in layouts)
         fn, n_in, n_layers = self.lib.lwq_matvec, first.n_in, len(layouts)
         n_out = sum(L.n_out for L in layouts)
         addrs = (ctypes.c_void_p * n_layers)(*(ctypes.addressof(c) for c in c_layers))
