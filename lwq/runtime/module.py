@@ -85,7 +85,7 @@ class QuantLinear(nn.Module):
             self._c = kernels.describe(self.layout)
         return self._c
 
-    def _matvec(self, kernels: native.Kernels) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    def _matvec(self, kernels: native.Kernels) -> Callable[[torch.Tensor], torch.Tensor]:
         if self._bound is None or self._bound[0] is not kernels:
             self._bound = _bind(kernels, [self])
         return self._bound[1]
@@ -103,12 +103,12 @@ class QuantLinear(nn.Module):
             if kernels is not None:
                 if x.dtype is not torch.float32 or not x.is_contiguous():
                     return self._forward(x.float().contiguous()).to(x.dtype)
-                shape = (*x.shape[:-1], self.out_features)
                 if self.siblings is not None:
-                    return self.siblings.output(self, x, kernels).reshape(shape)
+                    return self.siblings.output(self, x, kernels)
                 bound = self._bound
-                call = bound[1] if bound is not None and bound[0] is kernels else None
-                return (call or self._matvec(kernels))(x, x.numel() // self.in_features).view(shape)
+                if bound is not None and bound[0] is kernels:
+                    return bound[1](x)
+                return self._matvec(kernels)(x)
         rows = x.reshape(-1, self.in_features)
         w = self.weight_fp().to(x.dtype)
         y = nn.functional.linear(rows, w, None if self.bias is None else self.bias.to(x.dtype))
@@ -141,10 +141,7 @@ class Siblings:
 
     def __init__(self, members: list[QuantLinear]) -> None:
         self.members = members
-        self._columns, start = [], 0  # each member's columns of the group's output
-        for m in members:
-            self._columns.append(slice(start, start + m.out_features))
-            start += m.out_features
+        self._sizes = [m.out_features for m in members]  # their columns of the group's output
         self._everyone = (1 << len(members)) - 1
         self._bound: tuple[Any, ...] | None = None
         # the input, its version, the members' outputs side by side, who took theirs
@@ -154,26 +151,26 @@ class Siblings:
             member.siblings, member.sibling_index = self, i
 
     def output(self, layer: QuantLinear, x: torch.Tensor, kernels: native.Kernels) -> torch.Tensor:
-        """Layer's (m, out_features) output for x (float32, contiguous, m <= MAX_ROWS);
-        a view into the group's output, contiguous when m is 1."""
+        """Layer's output for x (float32, contiguous, at most MAX_ROWS rows): a view
+        into the group's output, contiguous when x is one row."""
         i, pending = layer.sibling_index, self._pending
         if pending is not None:
             if pending[0] is x and not pending[3] >> i & 1 and pending[1] == _version(x):
                 pending[3] |= 1 << i
                 if pending[3] == self._everyone:
                     self._pending = None
-                return pending[2][:, self._columns[i]]
+                return pending[2][i]
             if pending[3] != self._everyone:
                 self.wasted += 1
                 if self.wasted >= self.MAX_WASTED:
                     self.dissolve()
-                    return layer._forward(x).reshape(-1, layer.out_features)
+                    return layer._forward(x)
         bound = self._bound
         if bound is None or bound[0] is not kernels:
             bound = self._bound = _bind(kernels, self.members)
-        y = bound[1](x, x.numel() // layer.in_features)
-        self._pending = [x, _version(x), y, 1 << i]
-        return y[:, self._columns[i]]
+        outputs = bound[1](x).split(self._sizes, -1)
+        self._pending = [x, _version(x), outputs, 1 << i]
+        return outputs[i]
 
     def unbind(self) -> None:
         """Forget the native call (a member's buffers moved)."""

@@ -198,12 +198,12 @@ class Kernels:
         c_layers: Sequence[_LayerT],
         layouts: Sequence[Layout],
         biases: Sequence[torch.Tensor | None],
-    ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The matrix-vector call of layers that read the same input, with
         everything but the activations bound.
 
-        ``call(x, m)``: x holds m <= MAX_ROWS rows of n_in float32, contiguous;
-        the result is a new (m, sum of n_out) float32 tensor, the layers' outputs
+        ``call(x)``: x (..., n_in) float32, contiguous, at most MAX_ROWS rows; the
+        result is a new (..., sum of n_out) float32 tensor, the layers' outputs
         side by side. Decoding makes this call once per layer (or group of
         layers) and token, so the Python in it is kept short. ``c_layers`` and
         ``biases`` must outlive it; the layouts must share n_in and padding."""
@@ -217,10 +217,11 @@ class Kernels:
         )
         pad = None if first.row_blocks * BLOCK == n_in else first.pad_input
 
-        def call(x: torch.Tensor, m: int) -> torch.Tensor:
+        def call(x: torch.Tensor) -> torch.Tensor:
+            m = x.numel() // n_in
+            y = torch.empty((*x.shape[:-1], n_out))
             if pad is not None:
                 x = pad(x.reshape(m, n_in))
-            y = torch.empty(m, n_out)
             ldx = x.shape[-1] if pad is not None else n_in
             fn(
                 addrs,
@@ -264,15 +265,23 @@ class Kernels:
 _lock = threading.Lock()
 _loaded: Kernels | None = None
 _failed: str | None = None
+_loaded_for: str | None = None  # the LWQ_KERNELS value _loaded was last handed out under
 
 
 def kernels() -> Kernels | None:
-    """The native kernels, building them on first use; None means the torch path."""
-    global _loaded, _failed
+    """The native kernels, building them on first use; None means the torch path.
+
+    Packed layers ask once per call: while ``LWQ_KERNELS`` keeps the value it had
+    when they were last handed out, the answer is one environment look-up."""
+    global _loaded, _failed, _loaded_for
+    setting = os.environ.get("LWQ_KERNELS")
+    if _loaded is not None and setting == _loaded_for:
+        return _loaded
     mode = kernel_mode()
     if mode == "torch":
         return None
     if _loaded is not None:
+        _loaded_for = setting
         return _loaded
     with _lock:
         if _loaded is not None or (_failed is not None and mode == "auto"):
@@ -283,6 +292,7 @@ def kernels() -> Kernels | None:
                 log.info("building lwq's native kernels into %s", path)
                 build(path)
             _loaded = Kernels(path)
+            _loaded_for = setting
         except OSError as err:
             _failed = str(err)
             if mode == "native":
