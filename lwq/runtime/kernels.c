@@ -85,10 +85,16 @@ static inline v8i load8u8(const uint8_t *p) {
 
 static inline v8f to_float(v8i v) { return __builtin_convertvector(v, v8f); }
 
-/* The 32 codes of one block as four vectors of eight floats (columns 8k..8k+7). */
+/* The 32 codes of one block as four vectors of eight floats (columns 8k..8k+7).
+ * With scaled (2-bit only), vector k holds the codes times 4^k: a mask without
+ * the shift, for the matrix-vector kernel, which multiplies them by x times
+ * 4^-k (both scalings are powers of two, so the products are the same). */
 static inline __attribute__((always_inline)) void decode_block(
-    const int bits, const uint8_t *restrict p, v8f q[4]) {
-    if (bits == 2) {
+    const int bits, const int scaled, const uint8_t *restrict p, v8f q[4]) {
+    if (bits == 2 && scaled) {
+        const v8i b = load8u8(p);
+        for (int k = 0; k < 4; k++) q[k] = to_float(b & (3 << (2 * k)));
+    } else if (bits == 2) {
         const v8i b = load8u8(p);
         for (int k = 0; k < 4; k++) q[k] = to_float((b >> (2 * k)) & 3);
     } else if (bits == 3) {
@@ -185,6 +191,7 @@ static inline int64_t padded_col(const layer_t *L, int64_t c) {
 typedef struct {
     const layer_t *L;
     const float *x;
+    const float *x4; /* x scaled for 2-bit grids (grid_row), or NULL when none reads it */
     int64_t m, ldx;
     const float *xsum, *xsum_hi, *bias;
     float *y;
@@ -192,7 +199,8 @@ typedef struct {
 } call_t;
 
 /* Adds row r of a grid times x to out[0..m): per group s * (sum q x - z sum x),
- * with sum x of each group in xsum[i * n_groups + g]. */
+ * with sum x of each group in xsum[i * n_groups + g]. A 2-bit grid takes x with
+ * columns 8k..8k+7 of every block times 4^-k (decode_block). */
 static inline __attribute__((always_inline)) void grid_row(
     const int bits, const int64_t m, const layer_t *L, const float *restrict x, const int64_t ldx,
     const float *xsum, const int64_t r, float *out) {
@@ -209,7 +217,7 @@ static inline __attribute__((always_inline)) void grid_row(
         const int64_t nb = group_blocks(L, g);
         for (int64_t b = 0; b < nb; b++) {
             v8f q[4];
-            decode_block(bits, pr + (g * L->n_blocks + b) * block_bytes, q);
+            decode_block(bits, 1, pr + (g * L->n_blocks + b) * block_bytes, q);
             const float *xb = x + g * gp + b * BLOCK;
             for (int64_t i = 0; i < m; i++)
                 for (int k = 0; k < 4; k++)
@@ -240,9 +248,9 @@ static inline __attribute__((always_inline)) void matvec_impl(
     for (int64_t r = r0; r < r1; r++) {
         float out[MAXM];
         for (int64_t i = 0; i < m; i++) out[i] = C->bias ? C->bias[r] : 0.0f;
-        grid_row(bits, m, L, x, ldx, C->xsum, r, out);
+        grid_row(bits, m, L, bits == 2 ? C->x4 : x, ldx, C->xsum, r, out);
         if (G) switch (G->bits) { /* a dense high grid */
-            case 2: grid_row(2, m, G, x, ldx, C->xsum_hi, r, out); break;
+            case 2: grid_row(2, m, G, C->x4, ldx, C->xsum_hi, r, out); break;
             case 3: grid_row(3, m, G, x, ldx, C->xsum_hi, r, out); break;
             case 4: grid_row(4, m, G, x, ldx, C->xsum_hi, r, out); break;
             default: grid_row(8, m, G, x, ldx, C->xsum_hi, r, out); break;
@@ -332,7 +340,7 @@ static inline __attribute__((always_inline)) void dequant_impl(
             int64_t len = L->n_in - c0 < L->group ? L->n_in - c0 : L->group;
             for (int64_t b = 0; len > 0; b++) {
                 v8f q[4];
-                decode_block(bits, pr + (g * L->n_blocks + b) * block_bytes, q);
+                decode_block(bits, 0, pr + (g * L->n_blocks + b) * block_bytes, q);
                 const int64_t n = len < BLOCK ? len : BLOCK;
                 float *restrict dst = wr + c0 + b * BLOCK;
                 if (n == BLOCK) {
@@ -425,6 +433,23 @@ void lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, 
     float *sums = n_sums <= MAXM * 64 ? stack_sums : malloc(sizeof(float) * n_sums);
     if (!sums) return;
     float *s = sums;
+    int two_bit = 0;
+    for (int64_t j = 0; j < n; j++)
+        two_bit |= Ls[j]->bits == 2 || (Ls[j]->hi_grid && Ls[j]->hi_grid->bits == 2);
+    float stack_x4[MAXM * 1024];
+    float *x4 = NULL;
+    if (two_bit) {
+        x4 = m * ldx <= MAXM * 1024 ? stack_x4 : malloc(sizeof(float) * m * ldx);
+        if (!x4) {
+            if (sums != stack_sums) free(sums);
+            return;
+        }
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t c = 0; c < ldx; c++) {
+                static const float down[4] = {1.0f, 0.25f, 0.0625f, 0.015625f};
+                x4[i * ldx + c] = x[i * ldx + c] * down[(c % BLOCK) / 8];
+            }
+    }
     for (int64_t j = 0; j < n; j++) {
         const layer_t *L = Ls[j];
         float *lo_sums = s, *hi_sums = NULL;
@@ -435,7 +460,7 @@ void lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, 
             group_sums(L->hi_grid, x, m, ldx, hi_sums);
             s += m * L->hi_grid->n_groups;
         }
-        calls[j] = (call_t){L, x, m, ldx, lo_sums, hi_sums, bias[j], y + offset, ldy};
+        calls[j] = (call_t){L, x, x4, m, ldx, lo_sums, hi_sums, bias[j], y + offset, ldy};
         fns[j] = matvec_kernel(L, m);
         offset += L->n_out;
         first_chunk[j + 1] = first_chunk[j] + (L->n_out + ROW_CHUNK - 1) / ROW_CHUNK;
@@ -450,6 +475,7 @@ void lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, 
         fns[j](&calls[j], r0, r1 < Ls[j]->n_out ? r1 : Ls[j]->n_out);
     }
     if (sums != stack_sums) free(sums);
+    if (x4 && x4 != stack_x4) free(x4);
 }
 
 /* w (n_out, n_in), row stride ldw: the layer's float weight. */
