@@ -174,7 +174,7 @@ def test_a_packed_model_decodes_like_the_dequantised_one(
     from lwq.config import make_config
     from lwq.pack.checkpoint import load_quantized
     from lwq.quantize import quantize
-    from lwq.runtime.module import HalfEmbedding
+    from lwq.runtime.module import GatedMLP, HalfEmbedding
 
     model_dir = save_tiny_model_dir(model_type, tmp_path / "m")  # stored in float16
     cfg = make_config(
@@ -204,6 +204,9 @@ def test_a_packed_model_decodes_like_the_dequantised_one(
     assert grouped == (
         {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} if model_type == "llama" else set()
     )
+    mlps = [m.forward for m in packed.modules() if isinstance(m.forward, GatedMLP)]
+    assert len(mlps) == (len(layers) // 7 if model_type == "llama" else 0)  # one call per MLP
+    assert all(mlp.checked == (kernel_path == "native") for mlp in mlps)
     files = manifest.bits.quantized_file_bytes + manifest.bits.unquantized_bytes
     seen, held = set(), 0
     for t in [*packed.parameters(), *packed.buffers()]:
@@ -276,3 +279,66 @@ def test_layers_reading_one_input_compute_together(kernel_path: str) -> None:
                 model.q(torch.randn(1, 1, 64))  # k and v computed ahead, never used
             assert model.q.siblings is None and model.k.siblings is None
         assert torch.equal(model(x), want)
+
+
+class _MLP(torch.nn.Module):
+    """A gated MLP of packed layers; ``swap`` makes it compute act(up) * gate."""
+
+    def __init__(self, act: torch.nn.Module, bias: bool = False, swap: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+
+        def layer(shape: tuple[int, int], mask: str) -> QuantLinear:
+            b = torch.randn(shape[0], generator=g) if bias else None
+            return QuantLinear(_layer(shape, 2, 32, mask, 4)[0], b, False)
+
+        self.gate_proj = layer((64, 96), "tenth")
+        self.up_proj = layer((64, 96), "sparse")
+        self.down_proj = layer((96, 64), "tenth")
+        self.act_fn, self.swap = act, swap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if self.swap:
+            g, u = u, g
+        return self.down_proj(self.act_fn(g) * u)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_gated_mlp_computes_in_one_call(act: str, bias: bool, kernel_path: str) -> None:
+    from lwq.runtime.module import GatedMLP, fuse_mlps
+
+    fn = torch.nn.SiLU() if act == "silu" else torch.nn.GELU(approximate="tanh")
+    mlp = _MLP(fn, bias)
+    inputs = [torch.randn(shape) for shape in [(1, 96), (1, 1, 96), (3, 96), (2, 4, 96), (12, 96)]]
+    with torch.no_grad():
+        wants = [mlp(x) for x in inputs]
+        assert fuse_mlps(mlp) == 1 and isinstance(mlp.forward, GatedMLP)
+        assert mlp.forward.act == act and fuse_mlps(mlp) == 0  # once
+        for x, want in zip(inputs, wants, strict=True):
+            got = mlp(x)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * (want.abs().max().item() + 1))
+        assert mlp.forward.checked == (kernel_path == "native")
+        mlp.float()  # buffers may move: the native call is bound again
+        assert mlp.forward._bound is None
+        want = wants[0]
+        torch.testing.assert_close(
+            mlp(inputs[0]), want, rtol=0, atol=1e-5 * want.abs().max().item()
+        )
+
+
+def test_an_mlp_that_computes_otherwise_keeps_its_forward(kernel_path: str) -> None:
+    from lwq.runtime.module import GatedMLP, fuse_mlps
+
+    assert fuse_mlps(_MLP(torch.nn.GELU())) == 0  # exact GELU: not a native activation
+    mlp = _MLP(torch.nn.SiLU(), swap=True)  # act(up) * gate, by its own forward
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        want = mlp(x)
+        assert fuse_mlps(mlp) == 1
+        torch.testing.assert_close(mlp(x), want, rtol=0, atol=0)  # checked against its forward
+        if kernel_path == "native":
+            assert not isinstance(mlp.forward, GatedMLP) and mlp.down_proj.mlp is None
+        torch.testing.assert_close(mlp(x), want, rtol=0, atol=1e-5)

@@ -51,7 +51,14 @@ from lwq.pack.manifest import (
     Manifest,
     QuantizationInfo,
 )
-from lwq.runtime.module import HALF_DTYPES, HalfEmbedding, HalfLinear, QuantLinear, share_inputs
+from lwq.runtime.module import (
+    HALF_DTYPES,
+    HalfEmbedding,
+    HalfLinear,
+    QuantLinear,
+    fuse_mlps,
+    share_inputs,
+)
 from lwq.runtime.native import release_freed_memory
 
 __all__ = [
@@ -299,6 +306,7 @@ def load_quantized(
     if packed_modules:
         _half_embeddings(model)
         share_inputs(model)
+        fuse_mlps(model)
         release_freed_memory()
     model.to(device)  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(ckpt)

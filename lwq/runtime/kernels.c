@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <omp.h>
 
 #define BLOCK 32
@@ -478,6 +479,35 @@ void lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, 
     if (x4 && x4 != stack_x4) free(x4);
 }
 
+/* A gated MLP, down(act(gate(x)) * up(x)), in one call: gate and up in one
+ * matrix-vector pass, the activation and product, then down. act 0: SiLU,
+ * v / (1 + e^-v); act 1: GELU, tanh approximation. gate and up share the input
+ * layout; down reads its input unpadded (n_in a multiple of 32 in every group).
+ * bias holds gate's, up's and down's (each may be NULL). Returns 0, or -1 when
+ * scratch memory cannot be had (y is then untouched). */
+int lwq_mlp(const layer_t *const *Ls, int act, const float *x, int64_t m, int64_t ldx,
+            const float *const *bias, float *y, int64_t ldy, int threads) {
+    const int64_t inner = Ls[0]->n_out;
+    float *h = malloc(sizeof(float) * m * 3 * inner);
+    if (!h) return -1;
+    float *a = h + m * 2 * inner;
+    lwq_matvec(Ls, 2, x, m, ldx, bias, h, 2 * inner, threads);
+    for (int64_t i = 0; i < m; i++) {
+        const float *g = h + i * 2 * inner, *u = g + inner;
+        float *ai = a + i * inner;
+        if (act == 0)
+            for (int64_t j = 0; j < inner; j++) ai[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        else
+            for (int64_t j = 0; j < inner; j++) {
+                const float v = g[j];
+                ai[j] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v))) * u[j];
+            }
+    }
+    lwq_matvec(Ls + 2, 1, a, m, inner, bias + 2, y, ldy, threads);
+    free(h);
+    return 0;
+}
+
 /* w (n_out, n_in), row stride ldw: the layer's float weight. */
 void lwq_dequantize(const layer_t *L, float *w, int64_t ldw, int threads) {
     dequant_fn fn;
@@ -583,4 +613,4 @@ void lwq_half_matvec(const uint16_t *w, int64_t n_out, int64_t n_in, int bf16, c
     }
 }
 
-int lwq_abi_version(void) { return 2; }
+int lwq_abi_version(void) { return 3; }

@@ -11,7 +11,7 @@ from torch import nn
 from lwq.pack.layer import PackedLayer, unpack_layer
 from lwq.runtime import layout as torch_path
 from lwq.runtime import native
-from lwq.runtime.layout import Layout, build_layout
+from lwq.runtime.layout import BLOCK, Layout, build_layout
 
 
 class QuantLinear(nn.Module):
@@ -46,6 +46,7 @@ class QuantLinear(nn.Module):
         self.recorder: InputRecorder | None = None  # see share_inputs
         self.siblings: Siblings | None = None
         self.sibling_index = 0
+        self.mlp: GatedMLP | None = None  # see fuse_mlps
 
     @property
     def layout(self) -> Layout:
@@ -65,6 +66,8 @@ class QuantLinear(nn.Module):
         self._c = self._layout = self._bound = None
         if self.siblings is not None:
             self.siblings.unbind()
+        if self.mlp is not None:
+            self.mlp.unbind()
         keep = {k: getattr(self, k) for k in self._empty.tensors()}
         super()._apply(fn, recurse)
         for key, before in keep.items():
@@ -182,13 +185,18 @@ class Siblings:
         self.unbind()
 
 
-def _bind(kernels: native.Kernels, layers: list[QuantLinear]) -> tuple[Any, ...]:
-    """(kernels, the layers' native matrix-vector call, what the call borrows)."""
+def _bind(kernels: native.Kernels, layers: list[QuantLinear], mlp: str = "") -> tuple[Any, ...]:
+    """(kernels, the layers' native call, what the call borrows): their
+    matrix-vector call, or with ``mlp`` (an activation) a gated MLP's call."""
     views = [layer._c_view(kernels) for layer in layers]
     biases = [
         None if layer.bias is None else layer.bias.detach().float().contiguous() for layer in layers
     ]
-    call = kernels.bind_matvec(views, [layer.layout for layer in layers], biases)
+    layouts = [layer.layout for layer in layers]
+    if mlp:
+        call = kernels.bind_mlp(views, layouts, biases, mlp)
+    else:
+        call = kernels.bind_matvec(views, layouts, biases)
     return (kernels, call, views, biases)  # views and biases: alive as long as call
 
 
@@ -232,6 +240,118 @@ def share_inputs(model: nn.Module) -> None:
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if len(layers) > 1:
         InputRecorder(layers)
+
+
+class GatedMLP:
+    """Stands in for the ``forward`` of a block's gated MLP whose three layers are
+    packed, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (LLaMA, Mistral,
+    Qwen, Gemma, SmolLM, ...): when decoding on CPU with the native kernels the
+    whole MLP is one native call; anything else goes to the module's own
+    forward. The activation is recognised by its values (SiLU, or GELU's tanh
+    approximation), and the first fused call is checked against the module's
+    own forward: a module that computes something else keeps its forward."""
+
+    PARTS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, module: nn.Module, act: str) -> None:
+        self.module = module
+        self.layers: list[QuantLinear] = [getattr(module, part) for part in self.PARTS]
+        self.act = act
+        self._own = module.__dict__.get("forward")  # a forward set on the instance before us
+        self.checked = False
+        self._bound: tuple[Any, ...] | None = None
+        self.in_features = self.layers[0].in_features
+        for layer in self.layers:
+            layer.mlp = self
+        module.forward = self  # type: ignore[method-assign]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.is_cpu
+            and x.dtype is torch.float32
+            and x.is_contiguous()
+            and x.numel() <= native.MAX_ROWS * self.in_features
+        ):
+            kernels = native.kernels()
+            if kernels is not None:
+                bound = self._bound
+                if bound is None or bound[0] is not kernels:
+                    bound = self._bound = _bind(kernels, self.layers, self.act)
+                y: torch.Tensor = bound[1](x)
+                return y if self.checked else self._check(x, y)
+        return self.original(x)
+
+    def original(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's own forward."""
+        if self._own is not None:
+            return self._own(x)  # type: ignore[no-any-return]
+        return type(self.module).forward(self.module, x)  # type: ignore[no-any-return]
+
+    def _check(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        expected = self.original(x)
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        if expected.shape == y.shape and torch.allclose(y, expected, rtol=1e-3, atol=1e-4 * scale):
+            self.checked = True
+        else:
+            self.remove()
+        return expected
+
+    def unbind(self) -> None:
+        """Forget the native call (a layer's buffers moved)."""
+        self._bound = None
+
+    def remove(self) -> None:
+        """Give the module its own forward back."""
+        if self._own is not None:
+            self.module.forward = self._own  # type: ignore[method-assign]
+        else:
+            del self.module.forward
+        for layer in self.layers:
+            layer.mlp = None
+        self._bound = None
+
+
+def _activation_name(act: Any) -> str | None:
+    """Which of the native MLP's activations ``act`` computes, from its values."""
+    if not callable(act):
+        return None
+    t = torch.linspace(-8.0, 8.0, 161)
+    try:
+        with torch.no_grad():
+            v = act(t)
+    except Exception:  # an activation that wants other inputs: not ours to fuse
+        return None
+    candidates = {
+        "silu": nn.functional.silu(t),
+        "gelu_tanh": nn.functional.gelu(t, approximate="tanh"),
+    }
+    for name, ref in candidates.items():
+        if isinstance(v, torch.Tensor) and v.shape == t.shape and torch.allclose(v, ref, atol=1e-6):
+            return name
+    return None
+
+
+def fuse_mlps(model: nn.Module) -> int:
+    """Give every gated MLP whose gate, up and down layers are packed a
+    ``GatedMLP`` forward; returns how many."""
+    fused = 0
+    for module in model.modules():
+        gate, up, down = (getattr(module, part, None) for part in GatedMLP.PARTS)
+        if not (
+            isinstance(gate, QuantLinear)
+            and isinstance(up, QuantLinear)
+            and isinstance(down, QuantLinear)
+            and not isinstance(module.forward, GatedMLP)
+            and gate.layout.reads == up.layout.reads
+            and gate.out_features == up.out_features == down.in_features
+            and down.layout.row_blocks * BLOCK == down.in_features
+        ):
+            continue
+        act = _activation_name(getattr(module, "act_fn", None))
+        if act is not None:
+            GatedMLP(module, act)
+            fused += 1
+    return fused
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)

@@ -44,7 +44,8 @@ SOURCE = Path(__file__).with_name("kernels.c")
 MODES = ("auto", "native", "torch")
 MAX_ROWS = 8  # activation rows per call of the matrix-vector kernel (MAXM in kernels.c)
 MAX_LAYERS = 8  # layers in one matrix-vector call (MAX_LAYERS in kernels.c)
-ABI_VERSION = 2
+ABI_VERSION = 3
+ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's activations, in kernels.c's order
 
 
 class _LayerT(ctypes.Structure):
@@ -117,7 +118,7 @@ def build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o"]
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-lm", "-o"]
         done = subprocess.run([*cmd, str(out)], capture_output=True, text=True)
         if done.returncode != 0 and "march" in done.stderr:  # a compiler without -march=native
             cmd.remove("-march=native")
@@ -137,6 +138,8 @@ class Kernels:
         ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.lwq_matvec.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, cint]
         lib.lwq_matvec.restype = None
+        lib.lwq_mlp.argtypes = [ptr, cint, ptr, i64, i64, ptr, ptr, i64, cint]
+        lib.lwq_mlp.restype = cint
         lib.lwq_dequantize.argtypes = [ptr, ptr, i64, cint]
         lib.lwq_dequantize.restype = None
         lib.lwq_half_matvec.argtypes = [ptr, i64, i64, cint, ptr, i64, i64, ptr, ptr, i64, cint]
@@ -234,6 +237,38 @@ class Kernels:
                 n_out,
                 torch.get_num_threads(),
             )
+            return y
+
+        return call
+
+    def bind_mlp(
+        self,
+        c_layers: Sequence[_LayerT],
+        layouts: Sequence[Layout],
+        biases: Sequence[torch.Tensor | None],
+        act: str,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A gated MLP's call, down(act(gate(x)) * up(x)), for its three layers in
+        that order (``act`` one of ACTIVATIONS); x as for ``bind_matvec``, which
+        this follows. gate and up share their input layout; down's input is
+        unpadded."""
+        gate, up, down = layouts
+        assert gate.reads == up.reads and gate.n_out == up.n_out == down.n_in
+        assert down.row_blocks * BLOCK == down.n_in
+        fn, n_in, n_out, code = self.lib.lwq_mlp, gate.n_in, down.n_out, ACTIVATIONS.index(act)
+        addrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(c) for c in c_layers))
+        bias_ptrs = (ctypes.c_void_p * 3)(*(None if b is None else b.data_ptr() for b in biases))
+        pad = None if gate.row_blocks * BLOCK == n_in else gate.pad_input
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            m = x.numel() // n_in
+            y = torch.empty((*x.shape[:-1], n_out))
+            if pad is not None:
+                x = pad(x.reshape(m, n_in))
+            ldx = x.shape[-1] if pad is not None else n_in
+            threads = torch.get_num_threads()
+            if fn(addrs, code, x.data_ptr(), m, ldx, bias_ptrs, y.data_ptr(), n_out, threads):
+                raise MemoryError("lwq: no memory for the gated MLP's intermediate activations")
             return y
 
         return call
