@@ -421,10 +421,11 @@ static matvec_fn matvec_kernel(const layer_t *L, int64_t m) {
  * outputs side by side, layer j's columns starting at the sum of the earlier
  * layers' n_out; y = x W_j^T + bias[j] (bias[j] may be NULL). 1 <= m <= MAXM,
  * x (m, row_blocks * 32) in the padded layout (zeros in the padding; x itself
- * when every group is a multiple of 32 columns). */
-void lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, int64_t ldx,
-                const float *const *bias, float *y, int64_t ldy, int threads) {
-    if (n < 1 || n > MAX_LAYERS) return;
+ * when every group is a multiple of 32 columns). Returns 0, or -1 for n or m
+ * out of range or no memory for the group sums (y is then not written). */
+int lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, int64_t ldx,
+               const float *const *bias, float *y, int64_t ldy, int threads) {
+    if (n < 1 || n > MAX_LAYERS || m < 0 || m > MAXM) return -1;
     int64_t n_sums = 0, first_chunk[MAX_LAYERS + 1] = {0}, offset = 0;
     call_t calls[MAX_LAYERS];
     matvec_fn fns[MAX_LAYERS];
@@ -432,7 +433,7 @@ void lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, 
         n_sums += m * (Ls[j]->n_groups + (Ls[j]->hi_grid ? Ls[j]->hi_grid->n_groups : 0));
     float stack_sums[MAXM * 64];
     float *sums = n_sums <= MAXM * 64 ? stack_sums : malloc(sizeof(float) * n_sums);
-    if (!sums) return;
+    if (!sums) return -1;
     float *s = sums;
     int two_bit = 0;
     for (int64_t j = 0; j < n; j++)
@@ -443,7 +444,7 @@ void lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, 
         x4 = m * ldx <= MAXM * 1024 ? stack_x4 : malloc(sizeof(float) * m * ldx);
         if (!x4) {
             if (sums != stack_sums) free(sums);
-            return;
+            return -1;
         }
         for (int64_t i = 0; i < m; i++)
             for (int64_t c = 0; c < ldx; c++) {
@@ -477,6 +478,7 @@ void lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, 
     }
     if (sums != stack_sums) free(sums);
     if (x4 && x4 != stack_x4) free(x4);
+    return 0;
 }
 
 /* A gated MLP, down(act(gate(x)) * up(x)), in one call: gate and up in one
@@ -484,14 +486,17 @@ void lwq_matvec(const layer_t *const *Ls, int64_t n, const float *x, int64_t m, 
  * v / (1 + e^-v); act 1: GELU, tanh approximation. gate and up share the input
  * layout; down reads its input unpadded (n_in a multiple of 32 in every group).
  * bias holds gate's, up's and down's (each may be NULL). Returns 0, or -1 when
- * scratch memory cannot be had (y is then untouched). */
+ * scratch memory cannot be had. */
 int lwq_mlp(const layer_t *const *Ls, int act, const float *x, int64_t m, int64_t ldx,
             const float *const *bias, float *y, int64_t ldy, int threads) {
     const int64_t inner = Ls[0]->n_out;
     float *h = malloc(sizeof(float) * m * 3 * inner);
     if (!h) return -1;
     float *a = h + m * 2 * inner;
-    lwq_matvec(Ls, 2, x, m, ldx, bias, h, 2 * inner, threads);
+    if (lwq_matvec(Ls, 2, x, m, ldx, bias, h, 2 * inner, threads)) {
+        free(h);
+        return -1;
+    }
     for (int64_t i = 0; i < m; i++) {
         const float *g = h + i * 2 * inner, *u = g + inner;
         float *ai = a + i * inner;
@@ -503,9 +508,9 @@ int lwq_mlp(const layer_t *const *Ls, int act, const float *x, int64_t m, int64_
                 ai[j] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v))) * u[j];
             }
     }
-    lwq_matvec(Ls + 2, 1, a, m, inner, bias + 2, y, ldy, threads);
+    const int status = lwq_matvec(Ls + 2, 1, a, m, inner, bias + 2, y, ldy, threads);
     free(h);
-    return 0;
+    return status;
 }
 
 /* w (n_out, n_in), row stride ldw: the layer's float weight. */

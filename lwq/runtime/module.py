@@ -24,7 +24,8 @@ class QuantLinear(nn.Module):
     float matrix product, so the float weight never stays in memory. Elsewhere
     (CUDA, no compiler) the pure-torch path dequantises and multiplies.
     Layers that read the same input (``Siblings``, found by ``share_inputs``)
-    make one native call for all of them.
+    make one native call for all of them, and a gated MLP's three layers one
+    call for the whole MLP (``GatedMLP``, made by ``fuse_mlps``).
     ``transposed`` records that the original was a ``Conv1D``: the computed
     function, x W^T + b with W (out, in), is the same.
     """

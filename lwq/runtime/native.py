@@ -32,6 +32,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -137,7 +138,7 @@ class Kernels:
             raise OSError(f"{path}: kernel ABI {lib.lwq_abi_version()}, expected {ABI_VERSION}")
         ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.lwq_matvec.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, cint]
-        lib.lwq_matvec.restype = None
+        lib.lwq_matvec.restype = cint
         lib.lwq_mlp.argtypes = [ptr, cint, ptr, i64, i64, ptr, ptr, i64, cint]
         lib.lwq_mlp.restype = cint
         lib.lwq_dequantize.argtypes = [ptr, ptr, i64, cint]
@@ -212,10 +213,40 @@ class Kernels:
         ``biases`` must outlive it; the layouts must share n_in and padding."""
         first = layouts[0]
         assert 1 <= len(layouts) <= MAX_LAYERS and all(L.reads == first.reads for L in layouts)
-        fn, n_in, n_layers = self.lib.lwq_matvec, first.n_in, len(layouts)
         n_out = sum(L.n_out for L in layouts)
-        addrs = (ctypes.c_void_p * n_layers)(*(ctypes.addressof(c) for c in c_layers))
-        bias_ptrs = (ctypes.c_void_p * n_layers)(
+        return self._bind(self.lib.lwq_matvec, len(layouts), c_layers, biases, first, n_out)
+
+    def bind_mlp(
+        self,
+        c_layers: Sequence[_LayerT],
+        layouts: Sequence[Layout],
+        biases: Sequence[torch.Tensor | None],
+        act: str,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A gated MLP's call, down(act(gate(x)) * up(x)), for its three layers in
+        that order (``act`` one of ACTIVATIONS); as ``bind_matvec`` otherwise.
+        gate and up share their input layout; down's input is unpadded."""
+        gate, up, down = layouts
+        assert gate.reads == up.reads and gate.n_out == up.n_out == down.n_in
+        assert down.row_blocks * BLOCK == down.n_in
+        code = ACTIVATIONS.index(act)
+        return self._bind(self.lib.lwq_mlp, code, c_layers, biases, gate, down.n_out)
+
+    @staticmethod
+    def _bind(
+        fn: Any,
+        what: int,
+        c_layers: Sequence[_LayerT],
+        biases: Sequence[torch.Tensor | None],
+        first: Layout,
+        n_out: int,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``fn(layers, what, x, m, ldx, biases, y, ldy, threads)`` with all but
+        the activations bound (``what``: lwq_matvec's layer count, lwq_mlp's
+        activation)."""
+        n_in = first.n_in
+        addrs = (ctypes.c_void_p * len(c_layers))(*(ctypes.addressof(c) for c in c_layers))
+        bias_ptrs = (ctypes.c_void_p * len(biases))(
             *(None if b is None else b.data_ptr() for b in biases)
         )
         pad = None if first.row_blocks * BLOCK == n_in else first.pad_input
@@ -226,49 +257,9 @@ class Kernels:
             if pad is not None:
                 x = pad(x.reshape(m, n_in))
             ldx = x.shape[-1] if pad is not None else n_in
-            fn(
-                addrs,
-                n_layers,
-                x.data_ptr(),
-                m,
-                ldx,
-                bias_ptrs,
-                y.data_ptr(),
-                n_out,
-                torch.get_num_threads(),
-            )
-            return y
-
-        return call
-
-    def bind_mlp(
-        self,
-        c_layers: Sequence[_LayerT],
-        layouts: Sequence[Layout],
-        biases: Sequence[torch.Tensor | None],
-        act: str,
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A gated MLP's call, down(act(gate(x)) * up(x)), for its three layers in
-        that order (``act`` one of ACTIVATIONS); x as for ``bind_matvec``, which
-        this follows. gate and up share their input layout; down's input is
-        unpadded."""
-        gate, up, down = layouts
-        assert gate.reads == up.reads and gate.n_out == up.n_out == down.n_in
-        assert down.row_blocks * BLOCK == down.n_in
-        fn, n_in, n_out, code = self.lib.lwq_mlp, gate.n_in, down.n_out, ACTIVATIONS.index(act)
-        addrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(c) for c in c_layers))
-        bias_ptrs = (ctypes.c_void_p * 3)(*(None if b is None else b.data_ptr() for b in biases))
-        pad = None if gate.row_blocks * BLOCK == n_in else gate.pad_input
-
-        def call(x: torch.Tensor) -> torch.Tensor:
-            m = x.numel() // n_in
-            y = torch.empty((*x.shape[:-1], n_out))
-            if pad is not None:
-                x = pad(x.reshape(m, n_in))
-            ldx = x.shape[-1] if pad is not None else n_in
             threads = torch.get_num_threads()
-            if fn(addrs, code, x.data_ptr(), m, ldx, bias_ptrs, y.data_ptr(), n_out, threads):
-                raise MemoryError("lwq: no memory for the gated MLP's intermediate activations")
+            if fn(addrs, what, x.data_ptr(), m, ldx, bias_ptrs, y.data_ptr(), n_out, threads):
+                raise MemoryError("lwq: a native kernel found no memory for its scratch sums")
             return y
 
         return call
