@@ -321,6 +321,7 @@ def test_a_gated_mlp_computes_in_one_call(act: str, bias: bool, kernel_path: str
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * (want.abs().max().item() + 1))
         assert mlp.forward.checked == (kernel_path == "native")
+        torch.testing.assert_close(mlp(x=inputs[0]), wants[0])  # by keyword: its own forward
         mlp.float()  # buffers may move: the native call is bound again
         assert mlp.forward._bound is None
         want = wants[0]
