@@ -37,9 +37,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realmodel import (
-    CALIB,
+    N_SAMPLES,
     REPO,
+    SEQ_LEN,
     WIKITEXT,
+    add_calib_arg,
+    calib_args,
+    calib_source,
     fmt_ppl,
     lwq_cmd,
     model_dir,
@@ -52,7 +56,6 @@ from realmodel import (
 UNIFORM = [(2, 32), (2, 64), (3, 64), (3, 128), (4, 128)]
 PEERS = {"hqq": UNIFORM, "llm-compressor": [(2, 32), (2, 64), (3, 64), (4, 64)]}
 FP16_RATIO = 0.0045
-CALIB_ARGS = ["--calib", str(CALIB), "--n-samples", "64", "--seq-len", "512"]
 
 
 def evaluate(path: Path, full: bool) -> dict[str, float]:
@@ -92,7 +95,7 @@ def uniform_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             out = args.work / key.replace(" ", "-")
             cmd = lwq_cmd("quantize", "--model", str(args.model), "--method", method)
             cmd += ["--bits", str(bits), "--group-size", str(group), "--out", str(out)]
-            cmd += ["--overwrite", "-q"] + ([] if method == "rtn" else CALIB_ARGS)
+            cmd += ["--overwrite", "-q"] + ([] if method == "rtn" else calib_args(args.calib_path))
             if method == "gptq":
                 cmd.append("--act-order" if args.act_order else "--no-act-order")
             run = run_child(cmd)
@@ -131,9 +134,9 @@ def lwq_child(spec: dict[str, Any]) -> None:
                 "model": spec["model"],
                 "overwrite": True,
                 "calib": {
-                    "source": str(CALIB),
-                    "n_samples": 64,
-                    "seq_len": 512,
+                    "source": spec["calib"],
+                    "n_samples": N_SAMPLES,
+                    "seq_len": SEQ_LEN,
                     "mode": spec["mode"],
                 },
                 "quant": {"method": "lwq"},
@@ -221,6 +224,7 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             "mode": args.mode,
             "budgets": args.budgets,
             "variants": variants,
+            "calib": str(args.calib_path),
         }
         run = run_child([sys.executable, __file__, "--lwq-child", json.dumps(spec)])
         lines = [json.loads(x) for x in run.stdout.strip().splitlines() if x.startswith("{")]
@@ -257,7 +261,8 @@ def peer_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             cmd += ["--model", str(args.model), "--bits", str(bits), "--group-size", str(group)]
             cmd += ["--eval", "real"] + (["--full"] if args.full else [])
             if tool == "llm-compressor":
-                cmd += ["--n-samples", "64", "--seq-len", "512"]
+                cmd += ["--calib", str(args.calib_path)]
+                cmd += ["--n-samples", str(N_SAMPLES), "--seq-len", str(SEQ_LEN)]
                 cmd += ["--actorder", "static" if args.act_order else "none"]
             try:
                 run = run_child(cmd, env={"PYTHONPATH": str(REPO)})
@@ -331,8 +336,9 @@ def main() -> None:
     )
     ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor)")
     ap.add_argument("--full", action="store_true", help="also the whole WikiText-2 test set")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/real"))
-    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "real.json")
+    add_calib_arg(ap)
+    ap.add_argument("--work", type=Path, help="default /tmp/lwq-bench/real-CALIB")
+    ap.add_argument("--json", type=Path, help="default benchmarks/results/real_CALIB.json")
     ap.add_argument("--eval-child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--lwq-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -345,6 +351,9 @@ def main() -> None:
     if not WIKITEXT.is_file():
         raise SystemExit(f"WikiText-2 not found at {WIKITEXT}")
     args.model = model_dir()
+    args.work = args.work or Path(f"/tmp/lwq-bench/real-{args.calib}")
+    args.json = args.json or REPO / "benchmarks" / "results" / f"real_{args.calib}.json"
+    args.calib_path = calib_source(args.calib)
     args.work.mkdir(parents=True, exist_ok=True)
     rows: dict[str, Any] = json.loads(args.json.read_text()) if args.json.is_file() else {}
 

@@ -23,9 +23,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realmodel import CALIB, REPO, lwq_cmd, median, model_dir, run_child
-
-CALIB_ARGS = ["--calib", str(CALIB), "--n-samples", "64", "--seq-len", "512"]
+from realmodel import (
+    N_SAMPLES,
+    REPO,
+    SEQ_LEN,
+    add_calib_arg,
+    calib_args,
+    calib_source,
+    lwq_cmd,
+    median,
+    model_dir,
+    run_child,
+)
 
 
 def truncated(src: Path, blocks: int, dest: Path) -> Path:
@@ -51,7 +60,7 @@ def truncated(src: Path, blocks: int, dest: Path) -> Path:
     return dest
 
 
-def prepare_child(model: str, out: str) -> None:
+def prepare_child(model: str, out: str, calib: str) -> None:
     """The method's preparation alone; prints its stage seconds as JSON."""
     import resource
     import time
@@ -63,7 +72,7 @@ def prepare_child(model: str, out: str) -> None:
     cfg = make_config(
         {
             "model": model,
-            "calib": {"source": str(CALIB), "n_samples": 64, "seq_len": 512},
+            "calib": {"source": calib, "n_samples": N_SAMPLES, "seq_len": SEQ_LEN},
             "quant": {"method": "lwq"},
         }
     )
@@ -83,7 +92,7 @@ def part_ratio(args: argparse.Namespace) -> dict[str, Any]:
             bits = ["--bits", "3", "--group-size", "128"] if method == "gptq" else ["--bits", "3.0"]
             out = args.work / f"ratio-{method}"
             cmd = lwq_cmd("quantize", "--model", str(args.model), "--method", method, *bits)
-            cmd += [*CALIB_ARGS, "--out", str(out), "--overwrite", "-q"]
+            cmd += [*calib_args(args.calib_path), "--out", str(out), "--overwrite", "-q"]
             res = run_child(cmd)
             runs[method].append({"seconds": res.seconds, "peak_rss_mib": res.peak_rss_mib})
             print(
@@ -108,7 +117,8 @@ def part_depth(args: argparse.Namespace) -> dict[str, Any]:
     rows = {}
     for blocks in args.depths:
         path = truncated(args.model, blocks, args.cache / f"smollm2-135m-{blocks}b")
-        res = run_child([sys.executable, __file__, "--prepare-child", str(path)])
+        cmd = [sys.executable, __file__, "--prepare-child", str(path), "--calib", args.calib]
+        res = run_child(cmd)
         rows[blocks] = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"{blocks} blocks: {rows[blocks]}", flush=True)
     print("\n| blocks | calibration s | saliency s | probes s | profile s | profile s / block |")
@@ -130,10 +140,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/real-cost"))
     ap.add_argument("--cache", type=Path, default=Path("/tmp/lwq-bench/truncated"))
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "real_cost.json")
+    add_calib_arg(ap)
     ap.add_argument("--prepare-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.calib_path = calib_source(args.calib)
     if args.prepare_child:
-        prepare_child(args.prepare_child, "")
+        prepare_child(args.prepare_child, "", str(args.calib_path))
         return
     args.model = model_dir()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,15 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from method import random_allocations
-from realmodel import CALIB, REPO, heldout_windows, model_dir
+from realmodel import (
+    N_SAMPLES,
+    REPO,
+    SEQ_LEN,
+    add_calib_arg,
+    calib_source,
+    heldout_windows,
+    model_dir,
+)
 
 
 @torch.no_grad()
@@ -66,6 +74,7 @@ def main() -> None:
     ap.add_argument(
         "--json", type=Path, default=REPO / "benchmarks" / "results" / "real_fidelity.json"
     )
+    add_calib_arg(ap)
     args = ap.parse_args()
     from lwq.adapters import adapter_for
     from lwq.config import make_config
@@ -84,7 +93,11 @@ def main() -> None:
     cfg = make_config(
         {
             "model": str(path),
-            "calib": {"source": str(CALIB), "n_samples": 64, "seq_len": 512},
+            "calib": {
+                "source": str(calib_source(args.calib)),
+                "n_samples": N_SAMPLES,
+                "seq_len": SEQ_LEN,
+            },
             "quant": {"method": "lwq"},
             "method": method,
         }

@@ -1,7 +1,10 @@
 """What the real-model benchmarks share: SmolLM2-135M, its calibration and evaluation.
 
-Protocol (issue 13): calibration 64 x 512 tokens of ``zoo/data/calibration.txt``
-(seed 0); WikiText-2 perplexity on the first quarter of ``wiki.test.raw``
+Protocol (issue 13): calibration 64 x 512 tokens, the same for every row: by
+default text the model generates itself (``lwq calibrate --calib self``, seed 0,
+saved once under the work folder), or with ``--calib docs`` windows of
+``zoo/data/calibration.txt`` (reStructuredText of the Python documentation, the
+protocol of the first tables); WikiText-2 perplexity on the first quarter of ``wiki.test.raw``
 (tokenised once, the first 20 windows of 2048 tokens) and, for final rows, on
 the whole test set; KL divergence to the full-precision model on held-out
 WikiText windows that the quarter does not contain.
@@ -23,7 +26,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "zoo"
-CALIB = ZOO / "data" / "calibration.txt"
+DOCS_CALIB = ZOO / "data" / "calibration.txt"
+N_SAMPLES, SEQ_LEN = 64, 512
+SELF_CALIB = Path("/tmp/lwq-bench") / f"calib-self-{N_SAMPLES}x{SEQ_LEN}.safetensors"
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 MODEL = "smollm2-135m"
 WINDOW = 2048
@@ -34,6 +39,31 @@ def model_dir() -> Path:
     from lwq.realmodels import fetch
 
     return fetch(MODEL)
+
+
+def calib_source(kind: str) -> Path:
+    """The calibration source of ``kind``: ``self`` (generated once, then reused) or ``docs``."""
+    if kind == "docs":
+        return DOCS_CALIB
+    if not SELF_CALIB.is_file():
+        SELF_CALIB.parent.mkdir(parents=True, exist_ok=True)
+        cmd = lwq_cmd("calibrate", "--model", MODEL, "--calib", "self", "--out", str(SELF_CALIB))
+        run_child([*cmd, "--n-samples", str(N_SAMPLES), "--seq-len", str(SEQ_LEN)])
+    return SELF_CALIB
+
+
+def calib_args(source: Path) -> list[str]:
+    """The calibration flags of every lwq command of the protocol."""
+    return ["--calib", str(source), "--n-samples", str(N_SAMPLES), "--seq-len", str(SEQ_LEN)]
+
+
+def add_calib_arg(ap: Any) -> None:
+    ap.add_argument(
+        "--calib",
+        choices=["self", "docs"],
+        default="self",
+        help="calibration of every row: the model's own text (default) or the Python docs",
+    )
 
 
 def wikitext_ids(tok: Any) -> torch.Tensor:

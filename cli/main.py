@@ -22,7 +22,7 @@ from cli.operations import (
     add_serve_parser,
     add_trigger_parser,
 )
-from cli.options import add_quantize_args, config_from_args, parse_budgets
+from cli.options import CALIB_HELP, add_quantize_args, config_from_args, parse_budgets
 from cli.workflow import add_run_parser
 from lwq.errors import LwqError
 
@@ -109,6 +109,34 @@ def _cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"{args.model}: perplexity {res.perplexity:.4f} on {args.data} "
         f"({res.n_tokens:,} predicted tokens, {res.n_windows} windows of {res.seq_len})"
     )
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lwq.calibration import SET_SUFFIX
+    from lwq.config import make_config, resolve_inputs
+    from lwq.quantize import calibration_set
+
+    if args.out.suffix != SET_SUFFIX:
+        raise LwqError(f"--out {args.out}: a calibration set's file name ends in {SET_SUFFIX}")
+    if args.out.exists() and not args.overwrite:
+        raise LwqError(f"--out {args.out} exists: pass --overwrite to replace it")
+    settings: dict[str, Any] = {"model": str(args.model)}
+    if args.device is not None:
+        settings["device"] = args.device
+    calib = {"source": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len}
+    calib |= {"seed": args.seed, "temperature": args.temperature}
+    settings["calib"] = {k: v for k, v in calib.items() if v is not None}
+    config = resolve_inputs(make_config(settings))
+    model_dir = Path(str(config.model))
+    cs = calibration_set(
+        config, AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
+    )
+    cs.save(args.out)
+    print(f"calibration set: {args.out}")
+    print(f"{cs.n_samples} windows of {cs.seq_len} tokens from {cs.source}; sha256 {cs.sha256}")
     return 0
 
 
@@ -276,6 +304,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     ev.set_defaults(func=_cmd_eval)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="save a calibration set, to share exactly the same tokens between runs and tools",
+        description="Build the calibration windows a quantization would use and save them "
+        "(token ids as safetensors, with their source, seed and SHA-256). Any --calib accepts "
+        "the file: the same tokens for every command, the workflow and other tools. With "
+        "--calib self the model writes them itself: sequences sampled from its own "
+        "next-token distribution, starting from its start token; no corpus is needed.",
+    )
+    cal.add_argument(
+        "--model", required=True, help="model directory, .gguf file or real model name"
+    )
+    cal.add_argument("--calib", help=CALIB_HELP)
+    cal.add_argument("--n-samples", type=int, help="calib.n_samples (default 128)")
+    cal.add_argument(
+        "--seq-len", type=int, help="calib.seq_len (default: the model's context, at most 2048)"
+    )
+    cal.add_argument("--seed", type=int, help="calib.seed (default 0)")
+    cal.add_argument(
+        "--temperature", type=float, help="calib.temperature of generated text (default 1.0)"
+    )
+    cal.add_argument("--device", help="device (default cpu)")
+    cal.add_argument("--out", type=Path, required=True, help="the set's file (.safetensors)")
+    cal.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    cal.set_defaults(func=_cmd_calibrate)
 
     qz = sub.add_parser(
         "quantize",

@@ -8,6 +8,12 @@ from typing import Any
 
 from lwq.errors import LwqError
 
+CALIB_HELP = (
+    "calib.source: text file, folder, hf://NAME/CONFIG/SPLIT, a set saved by 'lwq calibrate' "
+    "(.safetensors), or self: text the model generates itself (the default for a model "
+    "outside the zoo; for a zoo model, the zoo's data/calibration.txt)"
+)
+
 
 def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any:
     """The configuration: --config, then the flags that were given."""
@@ -115,7 +121,7 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument(
             "--symmetric", action="store_true", help="quant.symmetric grid (rtn and gptq)"
         )
-    p.add_argument("--calib", help="calib.source: text file, folder, or hf://NAME/CONFIG/SPLIT")
+    p.add_argument("--calib", help=CALIB_HELP)
     p.add_argument("--n-samples", type=int, help="calib.n_samples (default 128)")
     p.add_argument(
         "--seq-len",

@@ -87,7 +87,7 @@ class Prepared:
 def _calibrate(config: LwqConfig, fp: Fingerprint, cache: dict[str, str]) -> Any:
     calib = config.calib.model_dump(mode="json", exclude={"mode", "batch_size"})
     args = (str(config.model), config.pipeline.work_dir, fp.model_sha, fp.source_sha, calib)
-    return _cached_call(cache, calibrate, *args)
+    return _cached_call(cache, calibrate, *args, config.device)
 
 
 def _prepare(config: LwqConfig, fp: Fingerprint) -> Prepared:

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from lwq.calibration import SELF
 from lwq.errors import ConfigError
 from lwq.quant.gptq import GPTQSettings
 from lwq.quant.grid import FLOAT_BITS, SUPPORTED_BITS, GridSpec
@@ -46,7 +47,9 @@ class _Strict(BaseModel):
 
 class CalibConfig(_Strict):
     source: str | None = Field(
-        None, description="text file, folder of .txt files, or hf://NAME[/CONFIG[/SPLIT]]"
+        None,
+        description="text file, folder of .txt files, hf://NAME[/CONFIG[/SPLIT]], a set saved "
+        "by lwq calibrate (.safetensors), or self: text the model generates itself",
     )
     n_samples: int = Field(128, ge=1, description="calibration sequences")
     seq_len: int | None = Field(
@@ -54,6 +57,15 @@ class CalibConfig(_Strict):
     )
     seed: int = 0
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    temperature: float = Field(
+        1.0, gt=0, description="calib.source=self: sampling temperature of the generated text"
+    )
+    generate_batch: int = Field(
+        32,
+        ge=1,
+        description="calib.source=self: sequences generated at once (memory grows "
+        "as generate_batch x seq_len)",
+    )
     mode: Literal["parallel", "sequential"] | None = Field(
         None,
         description="sequential (the default of lwq quantize): each block sees the quantized "
@@ -458,7 +470,8 @@ def resolve_inputs(config: LwqConfig, evaluation: bool = False) -> LwqConfig:
     ``model`` may be a Hugging Face directory, a ``.gguf`` file (converted once
     into the cache) or the name of a real model (``lwq zoo fetch``; fetched
     once). For ``zoo/<model>``, ``zoo/data/calibration.txt`` is the calibration
-    text (when the method uses one and none is given) and, with ``evaluation``
+    text (when the method uses one and none is given; for any other model the
+    model's own generated text, ``calib.source=self``) and, with ``evaluation``
     (the workflow), ``zoo/data/validation.txt`` its evaluation text. The CLI,
     the Python API and the flows all apply it, so they behave alike.
     """
@@ -472,8 +485,9 @@ def resolve_inputs(config: LwqConfig, evaluation: bool = False) -> LwqConfig:
         overrides["model"] = str(model)
     data = model.parent / "data"
     calib, validation = data / "calibration.txt", data / "validation.txt"
-    if config.quant.method != "rtn" and config.calib.source is None and calib.is_file():
-        overrides["calib.source"] = str(calib)
+    if config.quant.method != "rtn" and config.calib.source is None:
+        # No text given: the zoo's calibration slice, else the model's own text.
+        overrides["calib.source"] = str(calib) if calib.is_file() else SELF
     if evaluation and config.pipeline.eval_data is None and validation.is_file():
         overrides["pipeline.eval_data"] = str(validation)
     return with_overrides(config, overrides) if overrides else config

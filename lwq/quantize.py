@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from lwq.adapters import ModelAdapter, adapter_for
-from lwq.calibration import CalibrationSet, build_calibration_set
+from lwq.calibration import CalibrationSet, build_calibration_set, needs_model
 from lwq.config import LwqConfig, resolve_inputs
 from lwq.errors import ConfigError, LwqError
 from lwq.loading import LazyCausalLM, SafetensorsIndex
@@ -301,12 +301,29 @@ def assemble_checkpoint(
         )
 
 
-def calibration_set(config: LwqConfig, tokenizer: Any, model_config: Any) -> CalibrationSet:
-    """The configured calibration windows (seq_len by ``context_window``)."""
+def calibration_set(
+    config: LwqConfig, tokenizer: Any, model_config: Any, model: Any = None
+) -> CalibrationSet:
+    """The configured calibration windows (seq_len by ``context_window``).
+
+    ``calib.source=self`` generates them with ``model``, loaded from
+    ``config.model`` when not given."""
     c = config.calib
     config.require("calib.source")
     seq_len = context_window(model_config, c.seq_len)
-    return build_calibration_set(tokenizer, str(c.source), c.n_samples, seq_len, c.seed)
+    if needs_model(c.source) and model is None:
+        config.require("model")
+        model, _ = load_model_dir(Path(str(config.model)), device=config.device)
+    return build_calibration_set(
+        tokenizer,
+        str(c.source),
+        c.n_samples,
+        seq_len,
+        c.seed,
+        model,
+        c.temperature,
+        c.generate_batch,
+    )
 
 
 @dataclass(frozen=True)
@@ -359,7 +376,7 @@ def prepare_method(
 ) -> Prepared:
     """The calibration set and the method's state of a full-precision ``model``
     (with ``hessians``, its input Hessians are kept there)."""
-    calib = calibration_set(config, tokenizer, model.config)
+    calib = calibration_set(config, tokenizer, model.config, model)
     state = prepare(model, adapter_for(model), calib, config, hessians, progress)
     return Prepared(calib, state)
 
