@@ -59,6 +59,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any
             "quant.symmetric": True if getattr(args, "symmetric", False) else None,
             "gptq.act_order": args.act_order,
             "gptq.damp": args.damp,
+            "gptq.clip": args.clip,
         },
     )
 
@@ -141,6 +142,12 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         "up front (default on)",
     )
     p.add_argument("--damp", type=float, help="gptq.damp (default 0.01)")
+    p.add_argument(
+        "--clip",
+        choices=["minmax", "mse"],
+        help="gptq.clip, each group's grid range: minmax (default), or mse (shrunk to "
+        "minimise the rounding error weighted by the Hessian diagonal)",
+    )
     p.add_argument("--device", help="device (default cpu)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument(

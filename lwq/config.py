@@ -109,9 +109,16 @@ class GPTQConfig(_Strict):
         True, description="GPTQ columns by decreasing Hessian diagonal, grids fitted up front"
     )
     static_groups: bool = False
+    clip: Literal["minmax", "mse"] = Field(
+        "minmax",
+        description="each group's grid range: min-max, or mse (shrunk to minimise the "
+        "rounding error weighted by the Hessian diagonal)",
+    )
 
     def settings(self) -> GPTQSettings:
-        return GPTQSettings(self.block_size, self.damp, self.act_order, self.static_groups)
+        return GPTQSettings(
+            self.block_size, self.damp, self.act_order, self.static_groups, self.clip
+        )
 
 
 # The bases method.lo_bits chooses from when unset, and the bits per weight a

@@ -34,6 +34,9 @@ class GPTQSettings:
     # so with act_order). Off: a group's grid is fitted when GPTQ reaches it, on
     # weights that already carry the earlier columns' error, as in the paper.
     static_groups: bool = False
+    # Each group's range: "minmax", or "mse": shrunk to minimise the rounding error
+    # weighted by the Hessian diagonal (grid_params with weights).
+    clip: str = "minmax"
 
 
 @dataclass(frozen=True)
@@ -116,13 +119,17 @@ def gptq_quantize(
     hi_zeros = torch.zeros_like(scales) if grid_hi else None
     hi_values = torch.zeros_like(W) if hi is not None and hi.is_float else None
 
+    hdiag = H.diagonal().clone() if settings.clip == "mse" else None
+
     def fit_group(grp: int, w: torch.Tensor, m: torch.Tensor | None) -> None:
-        scales[:, grp], zeros[:, grp] = grid_params(w, spec, None if m is None else ~m)
+        # w holds the group's columns in their own order, as does hdiag[sl]
+        wt = None if hdiag is None else hdiag[grp * g : grp * g + w.shape[1]]
+        scales[:, grp], zeros[:, grp] = grid_params(w, spec, None if m is None else ~m, wt)
         if hi is not None and hi_scales is not None and hi_zeros is not None:
             if hi_grid is not None:
                 hi_scales[:, grp], hi_zeros[:, grp] = hi_grid[0][:, grp], hi_grid[1][:, grp]
             else:
-                hi_scales[:, grp], hi_zeros[:, grp] = grid_params(w, hi, m)
+                hi_scales[:, grp], hi_zeros[:, grp] = grid_params(w, hi, m, wt)
 
     static = settings.static_groups or settings.act_order or column_order is not None
     if static:

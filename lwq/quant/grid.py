@@ -61,15 +61,59 @@ class GridSpec:
         return torch.arange(d_in, device=device) // self.group_len(d_in)
 
 
+# The clipping search of ``grid_params``: ranges shrunk to 1 - k / CLIP_STEPS of the
+# min-max range, k < CLIP_STEPS * CLIP_MAX_SHRINK (GPTQ's reference search grid).
+CLIP_STEPS = 100
+CLIP_MAX_SHRINK = 0.8
+
+
 def grid_params(
-    w: torch.Tensor, spec: GridSpec, select: torch.Tensor | None = None
+    w: torch.Tensor,
+    spec: GridSpec,
+    select: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale and zero of each row of ``w`` (d_out, g) -> (d_out,), (d_out,).
+    """Scale and zero of each row of ``w`` (d_out, g) -> (d_out,), (d_out,).
 
     ``select`` (d_out, g) bool restricts the range to the selected weights (the
     two grids of a masked layer); a row with nothing selected gets scale 1,
     zero 0, which no weight uses. As in GPTQ, the range always contains 0.
+
+    Without ``weight`` the range is min-max. With ``weight`` (g,), the importance
+    of each column (the Hessian diagonal: the output error of a rounding error
+    there), the range of each row is the min-max range shrunk by the factor
+    that minimises the weighted squared rounding error of its (selected)
+    weights: clipping a few extreme weights buys a finer step for the rest.
     """
+    xmin, xmax = _range(w, spec, select)
+    scale, zero = _params(xmin, xmax, spec)
+    if weight is None:
+        return scale, zero
+    wt = weight.to(w.dtype).clamp(min=0)[None, :].expand_as(w)
+    if select is not None:
+        wt = wt * select.to(w.dtype)
+    best = _weighted_error(w, scale, zero, spec, wt)
+    for k in range(1, int(CLIP_STEPS * CLIP_MAX_SHRINK)):
+        p = 1 - k / CLIP_STEPS
+        s, z = _params(p * xmin, p * xmax, spec)
+        e = _weighted_error(w, s, z, spec, wt)
+        better = e < best
+        best = torch.where(better, e, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def _weighted_error(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: GridSpec, wt: torch.Tensor
+) -> torch.Tensor:
+    s, z = scale[:, None], zero[:, None]
+    return ((dequantize(quantize(w, s, z, spec.maxq), s, z) - w).square() * wt).sum(dim=1)
+
+
+def _range(
+    w: torch.Tensor, spec: GridSpec, select: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's [xmin, xmax]: its (selected) weights' range, widened to hold 0."""
     if select is None:
         lo, hi = w.min(dim=1).values, w.max(dim=1).values
     else:
@@ -87,6 +131,13 @@ def grid_params(
     flat = xmax == xmin
     xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
     xmax = torch.where(flat, torch.ones_like(xmax), xmax)
+    return xmin, xmax
+
+
+def _params(
+    xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of the range [xmin, xmax]: a float16 scale and an integer zero."""
     scale = ((xmax - xmin) / spec.maxq).to(torch.float16).to(torch.float32)
     scale = scale.clamp(min=torch.finfo(torch.float16).tiny)
     if spec.symmetric:

@@ -197,3 +197,35 @@ def test_high_columns_last_lets_the_fine_grid_absorb_the_coarse_error() -> None:
     assert torch.equal(same.dequantize(), static.weight.dequantize())
     with pytest.raises(AssertionError, match="whole columns"):
         LayerJob("l", lo, hi, torch.eye(32, 128, dtype=torch.bool), hi_last=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_a_clipped_range_lowers_the_weighted_rounding_error(bits: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 128))  # heavy tails, as real weights
+    weight = torch.rand(128, generator=gen) + 0.1
+    spec = GridSpec(bits, 128)
+
+    def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        s, z = scale[:, None], zero[:, None]
+        deq = s * (quantize(w, s, z, spec.maxq) - z)
+        return ((deq - w).square() * weight).sum(dim=1)
+
+    minmax = error(*grid_params(w, spec))
+    clipped = error(*grid_params(w, spec, weight=weight))
+    assert (clipped <= minmax + 1e-6).all()  # the search starts from min-max
+    assert float(clipped.sum()) < 0.8 * float(minmax.sum())
+    # Only the selected weights count, and the range still holds zero.
+    select = torch.rand(64, 128, generator=gen) < 0.5
+    scale, zero = grid_params(w, spec, select, weight)
+    assert ((zero >= 0) & (zero <= spec.maxq)).all() and (scale > 0).all()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_clipped_grids_lowers_the_output_error(act_order: bool) -> None:
+    X = _correlated_inputs(256)
+    W = torch.distributions.StudentT(3.0).sample((64, 256))
+    spec, H = GridSpec(2, 64), _hessian(X)
+    plain = gptq_quantize(W, H, spec, GPTQSettings(act_order=act_order))
+    mse = gptq_quantize(W, H, spec, GPTQSettings(act_order=act_order, clip="mse"))
+    assert _out_err(W, mse.weight.dequantize(), X) < _out_err(W, plain.weight.dequantize(), X)
