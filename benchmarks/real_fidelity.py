@@ -62,6 +62,9 @@ def main() -> None:
     ap.add_argument("--profile-samples", type=int, default=256)
     ap.add_argument("--profile-seq-len", type=int, default=128)
     ap.add_argument("--n-allocs", type=int, default=24)
+    ap.add_argument("--lo-bits", type=int, default=2, help="method.lo_bits of the allocations")
+    ap.add_argument("--r-max", type=float, default=0.3, help="method.r_max of the allocations")
+    ap.add_argument("--clip", choices=["minmax", "mse"], default="minmax", help="gptq.clip")
     ap.add_argument("--levels", nargs="+", default=["spread", "0.1", "0.03"])
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
     ap.add_argument(
@@ -85,7 +88,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     path = model_dir()
-    method: dict[str, Any] = {"budget": 3.0}
+    budget = 3.0 if args.lo_bits == 2 else 3.5  # any budget the grids reach: not used here
+    method: dict[str, Any] = {"budget": budget, "lo_bits": args.lo_bits, "r_max": args.r_max}
     if args.profile == "forward":
         method["profile"] = "forward"
     else:
@@ -99,6 +103,7 @@ def main() -> None:
                 "seq_len": SEQ_LEN,
             },
             "quant": {"method": "lwq"},
+            "gptq": {"clip": args.clip},
             "method": method,
         }
     )

@@ -150,9 +150,11 @@ def _cmd_quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     a = report.manifest.allocation
     if a is not None:
         ratios = [x.ratio for x in a.layers]
+        bases = sorted({x.lo_bits for x in a.layers if x.lo_bits is not None})
+        base = "/".join(map(str, bases)) or str(config.method.base_bits())
         print(
-            f"{len(ratios)} layers quantized (lwq, {config.method.hi_bits}/"
-            f"{config.method.base_bits()}-bit, objective {a.objective}) in {report.seconds:.1f} s; "
+            f"{len(ratios)} layers quantized (lwq, {config.method.hi_bits}/{base}-bit, "
+            f"objective {a.objective}) in {report.seconds:.1f} s; "
             f"ratios {min(ratios):.2%}..{max(ratios):.2%}, predicted KL {a.predicted_kl:.4f}"
         )
     else:

@@ -47,6 +47,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any
             "method.curve": args.curve,
             "method.hi_bits": args.hi_bits,
             "method.lo_bits": args.lo_bits,
+            "method.bases": args.bases,
             "method.r_max": args.r_max,
             "method.structure": args.structure,
             "method.scoring": args.scoring,
@@ -62,6 +63,14 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any
             "gptq.clip": args.clip,
         },
     )
+
+
+def parse_widths(text: str) -> list[int]:
+    """'2,3' -> [2, 3] (argparse type of --bases)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: give widths such as 2,3") from err
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -160,6 +169,12 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         type=int,
         help="method.lo_bits of the other weights (default: from the budget, 3 from 3.25 "
         "bits at group 128, else 2)",
+    )
+    p.add_argument(
+        "--bases",
+        type=parse_widths,
+        help="method.bases, e.g. 2,3: each layer's base width is chosen from these together "
+        "with its ratio (instead of --lo-bits, one base for all)",
     )
     p.add_argument(
         "--r-max",

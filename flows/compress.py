@@ -134,8 +134,9 @@ def _compress_budget(
         [alloc.ratios[i] for i in order],
         unmapped(gptq),
         unmapped(method),
+        [alloc.families[i] if alloc.families else 0 for i in order],
     )
-    keys = [fp.model_sha, prep.state_key, list(alloc.ratios), gptq, method]
+    keys = [fp.model_sha, prep.state_key, list(alloc.ratios), list(alloc.families), gptq, method]
     packed = _cached_call(
         cache, pack, model_dir, work, prep.state_dir, prep.calib_path, layers, config, alloc, keys
     )

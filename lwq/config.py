@@ -143,6 +143,11 @@ class MethodConfig(_Strict):
         f"it exceeds a uniform 3-bit grid's cost by {BASE_ROOM} bits or more, 3.25 at group "
         "128, else 2; see docs/method.md)",
     )
+    bases: tuple[int, ...] | None = Field(
+        None,
+        description="base widths each layer chooses from (e.g. [2, 3]): the allocation picks "
+        "every layer's base and its ratio together; unset: one base for all (method.lo_bits)",
+    )
     hi_bits: int = Field(
         4, description="bits of the high-impact weights (16: float16 values, dense-and-sparse)"
     )
@@ -204,6 +209,15 @@ class MethodConfig(_Strict):
             raise ValueError(f"must be one of {SUPPORTED_BITS}")
         return v
 
+    @field_validator("bases")
+    @classmethod
+    def _bases(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is None:
+            return v
+        if len(set(v)) < 2 or any(b not in SUPPORTED_BITS for b in v):
+            raise ValueError(f"give two or more distinct widths of {SUPPORTED_BITS}, e.g. [2, 3]")
+        return tuple(sorted(set(v)))
+
     @field_validator("hi_bits")
     @classmethod
     def _hi_bits(cls, v: int) -> int:
@@ -223,6 +237,28 @@ class MethodConfig(_Strict):
             raise ValueError(
                 f"method.hi_bits={self.hi_bits} must exceed method.lo_bits={self.lo_bits}"
             )
+        if self.bases is not None:
+            if self.lo_bits is not None:
+                raise ValueError(
+                    "method.bases and method.lo_bits exclude each other: give the widths to "
+                    "choose from (--bases) or one base (--lo-bits)"
+                )
+            if self.hi_bits <= max(self.bases):
+                raise ValueError(
+                    f"method.hi_bits={self.hi_bits} must exceed every width of "
+                    f"method.bases={list(self.bases)}"
+                )
+            for setting, value, allowed in (
+                ("profile", self.profile, "reverse"),
+                ("objective", self.objective, "full or diagonal"),
+                ("ties", self.ties, "none"),
+            ):
+                if value not in allowed.split(" or "):
+                    raise ValueError(
+                        f"method.{setting}={value} does not apply with method.bases (each "
+                        f"layer's own base): use method.{setting}={allowed}, or one base "
+                        "(method.lo_bits)"
+                    )
         changed = set(self.changed())
         if self.profile == "forward":
             off = sorted(changed & {"profile_samples", "profile_seq_len"})
@@ -269,7 +305,7 @@ class MethodConfig(_Strict):
         with several budgets) must share the base; an unset ``lo_bits`` whose
         budgets fall on both sides of a base's threshold is an error.
         """
-        if self.lo_bits is not None:
+        if self.lo_bits is not None or self.bases is not None:
             return self
         bases = {b: self.base_bits(b) for b in budgets}
         if len(set(bases.values())) > 1:
@@ -282,8 +318,14 @@ class MethodConfig(_Strict):
         return self.model_copy(update={"lo_bits": next(iter(bases.values()))})
 
     def grids(self) -> tuple[GridSpec, GridSpec]:
-        """The low grid of most weights and the high grid of the high-impact ones."""
-        return GridSpec(self.base_bits(), self.group_size), GridSpec(self.hi_bits, self.group_size)
+        """The low grid of most weights (the narrowest base) and the high grid of the
+        high-impact ones."""
+        return self.base_grids()[0], GridSpec(self.hi_bits, self.group_size)
+
+    def base_grids(self) -> tuple[GridSpec, ...]:
+        """The low grids a layer may take: each of ``bases``, or the one base."""
+        widths = self.bases if self.bases is not None else (self.base_bits(),)
+        return tuple(GridSpec(b, self.group_size) for b in widths)
 
     def lwc(self) -> LWCSettings | None:
         return LWCSettings(steps=self.lwc_steps) if self.hi_refine == "lwc" else None

@@ -119,7 +119,9 @@ class MethodPlan:
     measure_error: bool = True
 
     def job(self, name: str) -> LayerJob:
-        return self.state.job(name, self.alloc.ratios[self.alloc.names.index(name)])
+        i = self.alloc.names.index(name)
+        family = self.alloc.families[i] if self.alloc.families else 0
+        return self.state.job(name, self.alloc.ratios[i], family)
 
     def allocation(self, errors: dict[str, float | None]) -> AllocationReport | None:
         return allocation_report(self.state, self.alloc, errors)
@@ -350,12 +352,15 @@ def check_budgets(model_dir: Path, config: LwqConfig, budgets: list[float]) -> L
     model = empty_model(AutoConfig.from_pretrained(model_dir))
     adapter = adapter_for(model)
     shapes = [adapter.shape(module) for _, module in adapter.iter_layers(model)]
-    low, high = reachable_bits(shapes, *m.grids(), m.r_max, m.structure)
+    lo_grids, hi = m.base_grids(), m.grids()[1]
+    low = reachable_bits(shapes, lo_grids[0], hi, m.r_max, m.structure)[0]
+    high = reachable_bits(shapes, lo_grids[-1], hi, m.r_max, m.structure)[1]
+    base = f"method.lo_bits={lo_grids[0].bits}"
     for b in budgets:
         if b < low:
             raise ConfigError(
                 f"method.budget={b:g} is below the {low:.3f} bits per weight of every weight "
-                f"at method.lo_bits={m.lo_bits} (group {m.group_size}): raise the budget, or "
+                f"at {base} (group {m.group_size}): raise the budget, or "
                 "lower method.lo_bits or use a larger method.group_size"
             )
         if b > high:

@@ -360,8 +360,9 @@ def quantize_layer_task(
     ratio: float,
     gptq: dict[str, Any],
     method: dict[str, Any],
+    family: int = 0,
 ) -> LayerResult:
-    """One layer at its ratio, packed to a file."""
+    """One layer at its ratio (on its base ``family`` with method.bases), packed to a file."""
     from lwq.loading import read_layer_weights
     from lwq.method.state import HessianStore
     from lwq.quant.layer import quantize_layer
@@ -371,9 +372,9 @@ def quantize_layer_task(
     W = read_layer_weights(Path(model_dir), [name])[name]
     H = HessianStore.open(Path(state_dir) / "hessians").get(name)
     res = quantize_layer(
-        W, H, state.job(name, ratio), config.gptq.settings(), config.method.lwc(), True
+        W, H, state.job(name, ratio, family), config.gptq.settings(), config.method.lwc(), True
     )
-    key = [model_sha, state_key, name, ratio, gptq, method, stage_code("quantize-layer")]
+    key = [model_sha, state_key, name, ratio, family, gptq, method, stage_code("quantize-layer")]
     return _save_layer(work, key, name, res, t)
 
 

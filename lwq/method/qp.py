@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -105,6 +105,23 @@ class SensitivityProfile:
             return 0.5 * float(d.sum())
         return 0.5 * float(self.AtA.sum() - 2 * (self.AtB.sum(dim=0) * r).sum() + r @ self.BtB @ r)
 
+    def subset(self, index: Sequence[int]) -> SensitivityProfile:
+        """The profile of the rows ``index`` (one option per layer of a profile over
+        several bases)."""
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        pick = lambda M: M[idx][:, idx]  # noqa: E731
+        return SensitivityProfile(
+            tuple(self.names[i] for i in index),
+            self.r_max,
+            pick(self.AtA),
+            pick(self.AtB),
+            pick(self.BtB),
+            self.n_tokens,
+            self.probe,
+            self.version,
+            None if self.gamma is None else self.gamma[idx],
+        )
+
     def per_layer_loss(self, ratios: Sequence[float] | torch.Tensor) -> torch.Tensor:
         """Each layer's own term 1/2 ||a_i - s_i b_i||^2 (cross terms excluded)."""
         r = self.effective(ratios)
@@ -125,6 +142,9 @@ class Allocation:
     seconds: float
     iterations: int
     version: int = 1
+    # The option of each layer with several bases (index into the bases); empty:
+    # every layer on the first (or only) base.
+    families: tuple[int, ...] = ()
 
 
 def total_bits(costs: Sequence[LayerCost], ratios: Sequence[float]) -> float:
@@ -317,3 +337,120 @@ def solve_allocation(
         seconds=time.perf_counter() - t0,
         iterations=done,
     )
+
+
+# Ratios the choice of bases tries per layer: denser near 0, where the curves bend.
+FAMILY_GRID = 40
+
+
+def choose_families(
+    profile: SensitivityProfile,
+    costs: Sequence[LayerCost],
+    n_layers: int,
+    budget: float,
+    objective: Objective = "full",
+    overhead: float = 0.0,
+    evaluate: Callable[[tuple[int, ...]], float] | None = None,
+    tries: int = 8,
+) -> tuple[int, ...]:
+    """Each layer's base when it may take one of several (``method.bases``).
+
+    ``profile`` and ``costs`` hold one option per (base, layer), base-major. The
+    choice is discrete, so it is made on the Lagrangian of the same objective:
+    for a price ``lam`` per bit, each layer in turn takes the base and the ratio
+    (from a grid) that minimise its terms of 1/2 ||sum_i (a_i - s_i b_i)||^2
+    (its own and, with ``objective="full"``, its cross terms with the others as
+    they stand) plus ``lam`` times its exact bits, until no layer changes; the
+    price is bisected until the bits meet the budget. The QP then sets the
+    ratios on the chosen bases.
+
+    A base is a large step in bits, so the price that meets the budget leaves
+    some unspent: with ``evaluate`` (the QP's predicted loss of an assignment),
+    the ``tries`` layers closest to changing base (smallest Lagrangian margin)
+    are then changed one at a time, each change kept if the QP's loss falls,
+    until none does.
+    """
+    N = n_layers
+    F = len(costs) // N
+    assert len(costs) == F * N == len(profile.names), "one option per base and layer"
+    r_max = profile.r_max
+    grid = r_max * np.linspace(0.0, 1.0, FAMILY_GRID + 1) ** 2
+    gamma = profile.exponents().numpy()
+    S = r_max * (grid[None, :] / r_max) ** gamma[:, None]  # (F N, G) effective ratios
+    n_total = sum(c.n for c in costs[:N])
+    bits = np.array([[c.bits(float(r)) for r in grid] for c in costs]) / n_total
+    AtA = profile.AtA.double().numpy()
+    AtB = profile.AtB.double().numpy()
+    BtB = profile.BtB.double().numpy()
+    own = 0.5 * (
+        np.diag(AtA)[:, None] - 2 * S * np.diag(AtB)[:, None] + S**2 * np.diag(BtB)[:, None]
+    )
+    target = budget - overhead
+    z = np.zeros(N, dtype=int)
+    k = np.zeros(N, dtype=int)
+
+    def local(i: int, lam: float) -> np.ndarray:
+        """Layer i's objective terms over (base, grid ratio), the others as they stand."""
+        v = z * N + np.arange(N)
+        s = S[v, k]
+        others = np.arange(N) != i
+        cand = np.arange(F) * N + i
+        if objective == "full":
+            vj, sj = v[others], s[others]
+            alpha = (AtA[np.ix_(cand, vj)] - AtB[np.ix_(cand, vj)] * sj).sum(axis=1)
+            beta = (AtB[np.ix_(vj, cand)].T - BtB[np.ix_(cand, vj)] * sj).sum(axis=1)
+        else:
+            alpha = beta = np.zeros(F)
+        out: np.ndarray = own[cand] + alpha[:, None] - S[cand] * beta[:, None] + lam * bits[cand]
+        return out
+
+    def _margins(lam: float) -> np.ndarray:
+        """How much worse each layer's best option on another base is than its own."""
+        out = np.zeros(N)
+        for i in range(N):
+            J = local(i, lam).min(axis=1)
+            out[i] = np.delete(J, z[i]).min() - J[z[i]]
+        return out
+
+    def descend(lam: float) -> float:
+        layers = np.arange(N)
+        for _ in range(12):
+            changed = False
+            for i in range(N):
+                J = local(i, lam)
+                f, g = np.unravel_index(int(np.argmin(J)), J.shape)
+                if (f, g) != (z[i], k[i]):
+                    z[i], k[i], changed = f, g, True
+            if not changed:
+                break
+        return float(bits[z * N + layers, k].sum())
+
+    lo, hi = 1e-8, 1e8  # the price per bit (loss per average bit per weight)
+    for _ in range(40):  # geometric bisection: ~2 % on the price
+        mid = (lo * hi) ** 0.5
+        if descend(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1.02:
+            break
+    descend(hi)  # the cheaper side: within the budget
+    best = tuple(int(f) for f in z)
+    if evaluate is None:
+        return best
+    best_loss = evaluate(best)
+    for _ in range(4):  # rounds of single changes, nearest to changing first
+        margins = _margins(hi)
+        improved = False
+        for i in np.argsort(margins)[:tries]:
+            for f in range(F):
+                if f == best[i]:
+                    continue
+                trial = (*best[:i], f, *best[i + 1 :])
+                loss = evaluate(trial)
+                if loss < best_loss:
+                    best, best_loss, improved = trial, loss, True
+        if not improved:
+            break
+        z[:] = best
+    return best

@@ -169,15 +169,18 @@ def reverse_profile(
     settings: ProbeSettings,
     calib_sha256: str,
     progress: bool = True,
+    families: int = 1,
 ) -> SensitivityProfile:
     """Gram matrices of the per-layer output changes, from sampled-label backward passes.
 
     ``tokens`` (S, T): the profile's sequences, one sample each. ``probes`` as
-    for ``lwq.method.sensitivity.sensitivity_profile``. The model is left as it
-    was (its parameters' ``requires_grad`` restored).
+    for ``lwq.method.sensitivity.sensitivity_profile``; with ``families`` bases
+    each layer holds every base's probe levels in turn, and the profile has one
+    row per (base, layer), base-major. The model is left as it was (its
+    parameters' ``requires_grad`` restored).
     """
     t0 = time.perf_counter()
-    levels = probe_levels(settings)
+    levels = probe_levels(settings) * families
     modules = dict(adapter.iter_layers(model))
     device = next(model.parameters()).device
     S, T = tokens.shape
@@ -211,6 +214,9 @@ def reverse_profile(
         handle.remove()
         for p, flag in zip(params, was, strict=True):
             p.requires_grad_(flag)
+    if families > 1:  # (S, N, F levels) -> (S, F N, levels): one row per option
+        D = D.view(S, N, families, -1).transpose(1, 2).reshape(S, families * N, -1)
+        names = names * families
     return profile_from_samples(D, names, settings, T, calib_sha256, time.perf_counter() - t0)
 
 

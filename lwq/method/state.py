@@ -14,10 +14,12 @@ version that computed it; ``load_state`` refuses a state of other code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,19 @@ import torch
 from lwq.adapters import ModelAdapter
 from lwq.calibration import CalibrationSet
 from lwq.config import LwqConfig
-from lwq.errors import LwqError
+from lwq.errors import ConfigError, LwqError
 from lwq.fileio import load_tensors, save_tensors, write_json
 from lwq.method.cost import LayerCost, layer_cost
 from lwq.method.fisher import fisher_diagonal
 from lwq.method.layer import job_at_ratio
-from lwq.method.qp import Allocation, ProbeInfo, SensitivityProfile, solve_allocation, total_bits
+from lwq.method.qp import (
+    Allocation,
+    ProbeInfo,
+    SensitivityProfile,
+    choose_families,
+    solve_allocation,
+    total_bits,
+)
 from lwq.method.reverse import profile_windows, reverse_profile
 from lwq.method.saliency import ranking, saliency
 from lwq.method.sensitivity import (
@@ -57,7 +66,7 @@ HEADER_ALLOWANCE_BYTES = 160
 # Below this many calibration sequences the profile's rank correlation with the
 # measured KL degrades visibly (benchmarks/method.py runs 128).
 MIN_PROFILE_SEQUENCES = 32
-STATE_VERSION = 3
+STATE_VERSION = 4  # 4: one cost curve per base (method.bases)
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 TieGroups = tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]
 
@@ -69,11 +78,16 @@ def method_code_version() -> str:
 
 @dataclass(frozen=True)
 class MethodState:
+    """What every budget needs. With several bases (``method.bases``) each layer has
+    one option per base: ``costs`` and the profile's rows then hold the options
+    base-major (option f * N + i is layer i on base f), and an allocation picks
+    one option per layer (``Allocation.families``)."""
+
     names: tuple[str, ...]
     orders: dict[str, torch.Tensor]  # the top r_max of each saliency ranking (int32, best first)
     costs: tuple[LayerCost, ...]
     profile: SensitivityProfile
-    lo: GridSpec
+    lo: GridSpec  # the (narrowest) base
     hi: GridSpec
     n_blocks: int
     seconds: dict[str, float]
@@ -85,10 +99,31 @@ class MethodState:
     def ties(self, mode: str) -> tuple[tuple[int, ...], ...]:
         return dict(self.tie_groups).get(mode, ())
 
-    def job(self, name: str, ratio: float) -> LayerJob:
-        cost = self.costs[self.names.index(name)]
+    @property
+    def n_families(self) -> int:
+        """How many bases a layer chooses from (1: one base for all)."""
+        return len(self.costs) // len(self.names)
+
+    @property
+    def bases(self) -> tuple[int, ...]:
+        n = len(self.names)
+        return tuple(self.costs[f * n].lo.bits for f in range(self.n_families))
+
+    def options(
+        self, families: Sequence[int] = ()
+    ) -> tuple[SensitivityProfile, tuple[LayerCost, ...]]:
+        """The profile and cost curves of one option per layer (``families``; none:
+        the first base for every layer), as the QP takes them."""
+        n = len(self.names)
+        if self.n_families == 1 and not any(families):
+            return self.profile, self.costs
+        idx = [f * n + i for i, f in enumerate(families or [0] * n)]
+        return self.profile.subset(idx), tuple(self.costs[k] for k in idx)
+
+    def job(self, name: str, ratio: float, family: int = 0) -> LayerJob:
+        cost = self.costs[family * len(self.names) + self.names.index(name)]
         order = self.orders[name]
-        return job_at_ratio(name, order, cost.shape, ratio, self.lo, self.hi, cost.structure)
+        return job_at_ratio(name, order, cost.shape, ratio, cost.lo, cost.hi, cost.structure)
 
 
 class HessianStore:
@@ -173,7 +208,7 @@ def prepare(
     and probed.
     """
     m = config.method
-    lo, hi = m.grids()
+    lo_grids, hi = m.base_grids(), m.grids()[1]
     n_layers = len(adapter.layer_names(model))
     profile_ids = None
     if m.profile == "reverse":  # checked before any work: the set must hold the profile
@@ -198,7 +233,7 @@ def prepare(
     settings = probe_settings(config)
     levels = probe_levels(settings)
     orders: dict[str, torch.Tensor] = {}
-    costs: list[LayerCost] = []
+    costs: list[list[LayerCost]] = [[] for _ in lo_grids]  # per base
     work = tempfile.TemporaryDirectory(prefix="lwq-probes-")
     probes = DeltaStore(Path(work.name))  # on disk: read back one layer at a time
     shared_input: list[list[str]] = []
@@ -214,10 +249,15 @@ def prepare(
             # the top r_max is all a ratio uses
             orders[name] = ranking(scores, keep=m.r_max, structure=m.structure)
             shape = (int(W.shape[0]), int(W.shape[1]))
-            costs.append(layer_cost(name, orders[name], shape, lo, hi, m.structure))
+            for per_base, lo in zip(costs, lo_grids, strict=True):
+                per_base.append(layer_cost(name, orders[name], shape, lo, hi, m.structure))
             seconds["saliency"] += time.perf_counter() - t
             t = time.perf_counter()
-            jobs = [job_at_ratio(name, orders[name], shape, r, lo, hi, m.structure) for r in levels]
+            jobs = [  # base-major: each base's probe levels in turn
+                job_at_ratio(name, orders[name], shape, r, lo, hi, m.structure)
+                for lo in lo_grids
+                for r in levels
+            ]
             probes.put(
                 name,
                 [
@@ -239,7 +279,15 @@ def prepare(
     t = time.perf_counter()
     if profile_ids is not None:
         profile = reverse_profile(
-            model, adapter, profile_ids, probes, list(names), settings, calib.sha256, progress
+            model,
+            adapter,
+            profile_ids,
+            probes,
+            list(names),
+            settings,
+            calib.sha256,
+            progress,
+            families=len(lo_grids),
         )
     else:
         profile = sensitivity_profile(
@@ -250,9 +298,9 @@ def prepare(
     return MethodState(
         names,
         orders,
-        tuple(costs),
+        tuple(c for per_base in costs for c in per_base),
         profile,
-        lo,
+        lo_grids[0],
         hi,
         len(adapter.get_blocks(model)),
         seconds,
@@ -262,36 +310,67 @@ def prepare(
 
 def _reserve(state: MethodState) -> float:
     """Bits per weight the files add beyond the layers' payload (headers)."""
-    n = sum(c.n for c in state.costs)
+    n = sum(c.n for c in state.options()[1])
     return state.n_blocks * HEADER_ALLOWANCE_BYTES * 8 / n
 
 
 def allocate(state: MethodState, config: LwqConfig, budget: float | None = None) -> Allocation:
+    """The QP's allocation at ``budget``; with several bases, each layer's base is
+    chosen first (``choose_families``), then the QP sets the ratios on those bases."""
     m = config.method
-    return solve_allocation(
-        state.profile,
-        state.costs,
-        m.budget if budget is None else budget,
-        m.objective,
-        m.solver,
-        ties=state.ties(m.ties),
-        iterations=4,
-        tol=m.solver_tol,
-        overhead=_reserve(state),
+    b = m.budget if budget is None else budget
+
+    def solve(families: Sequence[int]) -> Allocation:
+        profile, costs = state.options(families)
+        alloc = solve_allocation(
+            profile,
+            costs,
+            b,
+            m.objective,
+            m.solver,
+            ties=state.ties(m.ties),
+            iterations=4,
+            tol=m.solver_tol,
+            overhead=_reserve(state),
+        )
+        return dataclasses.replace(alloc, families=tuple(families)) if any(families) else alloc
+
+    if state.n_families == 1:
+        return solve(())
+    n = len(state.names)
+    solved: dict[tuple[int, ...], Allocation | None] = {}
+
+    def loss(families: tuple[int, ...]) -> float:
+        if families not in solved:
+            try:
+                solved[families] = solve(families)
+            except ConfigError:  # the budget is out of these bases' reach
+                solved[families] = None
+        a = solved[families]
+        return float("inf") if a is None else a.predicted_loss
+
+    for f in range(state.n_families):  # one base for all, where it reaches the budget
+        loss((f,) * n)
+    chosen = choose_families(
+        state.profile, state.costs, n, b, m.objective, _reserve(state), evaluate=loss
     )
+    if loss(chosen) == float("inf"):
+        solve(chosen)  # raises the QP's own error: the budget no base reaches
+    return min((a for a in solved.values() if a is not None), key=lambda a: a.predicted_loss)
 
 
 def fixed_allocation(state: MethodState, ratio: float) -> Allocation:
     """Every layer at ``ratio`` whatever it costs (e.g. SqueezeLLM's 0.45 % in float16)."""
-    n = sum(c.n for c in state.costs)
+    costs = state.options()[1]
+    n = sum(c.n for c in costs)
     ratios = tuple(ratio for _ in state.names)
     return Allocation(
         names=state.names,
         ratios=ratios,
         objective="fixed",
         budget=float("nan"),
-        bits=total_bits(state.costs, ratios) / n + _reserve(state),
-        predicted_loss=state.profile.predicted_loss(ratios),
+        bits=total_bits(costs, ratios) / n + _reserve(state),
+        predicted_loss=state.options()[0].predicted_loss(ratios),
         solver="none",
         seconds=0.0,
         iterations=0,
@@ -300,7 +379,7 @@ def fixed_allocation(state: MethodState, ratio: float) -> Allocation:
 
 def largest_first(state: MethodState) -> list[int]:
     """Layer indices of ``state`` by decreasing quantization work (``by_work``)."""
-    return by_work([c.shape for c in state.costs])
+    return by_work([c.shape for c in state.costs[: len(state.names)]])
 
 
 def by_work(shapes: list[tuple[int, int]]) -> list[int]:
@@ -313,15 +392,17 @@ def by_work(shapes: list[tuple[int, int]]) -> list[int]:
 def allocation_report(
     state: MethodState, alloc: Allocation, output_error: dict[str, float | None]
 ) -> AllocationReport:
-    per_layer = state.profile.per_layer_loss(alloc.ratios)
+    profile, costs = state.options(alloc.families)
+    per_layer = profile.per_layer_loss(alloc.ratios)
     layers = [
         LayerAllocation(
             name=name,
             ratio=r,
-            n_hi=state.costs[i].n_hi(r),
-            bits_per_weight=state.costs[i].bits(r) / state.costs[i].n,
+            n_hi=costs[i].n_hi(r),
+            bits_per_weight=costs[i].bits(r) / costs[i].n,
             predicted_loss=float(per_layer[i]),
             output_error=output_error.get(name),
+            lo_bits=costs[i].lo.bits,
         )
         for i, (name, r) in enumerate(zip(alloc.names, alloc.ratios, strict=True))
     ]
@@ -349,15 +430,19 @@ def save_state(state: MethodState, directory: Path) -> Path:
         tensors["gamma"] = p.gamma
     for i, name in enumerate(state.names):
         tensors[f"order.{i}"] = state.orders[name]
-        tensors[f"ranks.{i}"] = state.costs[i].activation_ranks
+    for k, cost in enumerate(state.costs):  # every base's option of every layer
+        tensors[f"ranks.{k}"] = cost.activation_ranks
     save_tensors(tensors, directory / STATE_TENSORS)
     probe = None if p.probe is None else p.probe.__dict__
     doc = {
         "version": state.version,
         "code_version": state.code_version,
         "names": list(state.names),
-        "shapes": [list(c.shape) for c in state.costs],
-        "lo": grid_meta(state.lo).model_dump(),
+        "shapes": [list(c.shape) for c in state.options()[1]],
+        "lo": [
+            grid_meta(state.costs[f * len(state.names)].lo).model_dump()
+            for f in range(state.n_families)
+        ],
         "hi": grid_meta(state.hi).model_dump(),
         "structure": state.costs[0].structure if state.costs else "weights",
         "n_blocks": state.n_blocks,
@@ -385,15 +470,19 @@ def load_state(directory: Path, expect_code: str | None = None) -> MethodState:
         )
     tensors, _ = load_tensors(directory / STATE_TENSORS)
     names = tuple(doc["names"])
-    lo = grid_from_meta(GridMeta.model_validate(doc["lo"]))
+    bases = [grid_from_meta(GridMeta.model_validate(g)) for g in doc["lo"]]
     hi = grid_from_meta(GridMeta.model_validate(doc["hi"]))
+    n = len(names)
     costs = tuple(
-        LayerCost(name, (int(s[0]), int(s[1])), lo, hi, tensors[f"ranks.{i}"], doc["structure"])
+        LayerCost(
+            name, (int(s[0]), int(s[1])), lo, hi, tensors[f"ranks.{f * n + i}"], doc["structure"]
+        )
+        for f, lo in enumerate(bases)
         for i, (name, s) in enumerate(zip(names, doc["shapes"], strict=True))
     )
     prof = doc["profile"]
     profile = SensitivityProfile(
-        names,
+        names * len(bases),  # one row per option, base-major
         float(prof["r_max"]),
         tensors["AtA"],
         tensors["AtB"],
@@ -407,7 +496,7 @@ def load_state(directory: Path, expect_code: str | None = None) -> MethodState:
         {name: tensors[f"order.{i}"] for i, name in enumerate(names)},
         costs,
         profile,
-        lo,
+        bases[0],
         hi,
         int(doc["n_blocks"]),
         {k: float(v) for k, v in doc["seconds"].items()},

@@ -102,6 +102,7 @@ class LayerAllocation(_Frozen):
     bits_per_weight: float
     predicted_loss: float
     output_error: float | None
+    lo_bits: int | None = None  # the layer's base (method.bases: chosen per layer)
 
 
 class ProfileInfo(_Frozen):

@@ -115,6 +115,53 @@ def test_the_base_follows_the_budget(tmp_path: Path) -> None:
     assert abs(report.manifest.bits.from_bytes - 3.8) <= 0.02
 
 
+def test_each_layer_takes_its_own_base(tmp_path: Path) -> None:
+    """method.bases=[2, 3] at 3.0 bits, group 32 (2.56 and 3.59 bits per weight for
+    the bases alone): both bases in the checkpoint, the budget met from bytes, and
+    the predicted loss no higher than with either base for every layer."""
+    from lwq.adapters import adapter_for
+    from lwq.method.qp import solve_allocation
+    from lwq.method.state import allocate, prepare
+    from lwq.models import load_model_dir
+    from lwq.quantize import calibration_set
+
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    cfg = _cfg(model_dir, tmp_path / "q", 3.0, bases=[3, 2])
+    assert cfg.method.bases == (2, 3)
+    report = quantize(cfg, progress=False)
+    m = report.manifest
+    assert m.allocation is not None
+    assert {x.lo.bits for x in m.layers.values()} == {2, 3}
+    assert {x.name: x.lo_bits for x in m.allocation.layers} == {
+        name: x.lo.bits for name, x in m.layers.items()
+    }
+    assert 3.0 - 0.03 <= m.bits.from_bytes <= 3.0 + 0.02
+    model, _, _ = load_quantized(report.out)
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+    fp, tok = load_model_dir(model_dir)
+    state = prepare(fp, adapter_for(fp), calibration_set(cfg, tok, fp.config), cfg, None, False)
+    assert state.n_families == 2 and len(state.costs) == 2 * len(state.names)
+    mixed = allocate(state, cfg)
+    one_base = solve_allocation(*state.options([0] * len(state.names)), 3.0)
+    assert mixed.predicted_loss <= one_base.predicted_loss + 1e-12
+    assert len(mixed.families) == len(state.names)
+
+
+def test_settings_that_do_not_go_with_several_bases_are_refused(tmp_path: Path) -> None:
+    m = tmp_path / "m"
+    for bad, match in [
+        ({"bases": [2, 3], "lo_bits": 2}, "exclude each other"),
+        ({"bases": [2]}, "two or more"),
+        ({"bases": [2, 4]}, "hi_bits=4 must exceed"),
+        ({"bases": [2, 3], "objective": "fixed"}, "objective=fixed does not apply"),
+        ({"bases": [2, 3], "ties": "inputs"}, "ties=inputs does not apply"),
+        ({"bases": [2, 3], "profile": "forward"}, "profile=forward does not apply"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            make_config({"model": str(m), "quant": {"method": "lwq"}, "method": bad})
+
+
 @pytest.mark.parametrize("ties", ["inputs", "block"])
 def test_ties_give_one_ratio_per_group(ties: str, tmp_path: Path) -> None:
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
@@ -175,10 +222,13 @@ def test_column_structured_high_impact_set_end_to_end(tmp_path: Path) -> None:
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_layer_by_layer_checkpoint_equals_the_parallel_pass(family: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("family", "bases"), [("llama", None), ("gpt2", None), ("llama", [2, 3])])
+def test_layer_by_layer_checkpoint_equals_the_parallel_pass(
+    family: str, bases: list[int] | None, tmp_path: Path
+) -> None:
     """What a flow does (state and Hessians saved, layers quantized one by one from
-    files, then assembled) gives the same bytes as the one-pass parallel-mode driver."""
+    files, then assembled) gives the same bytes as the one-pass parallel-mode driver
+    (with method.bases too: each layer on its own base)."""
     from lwq.adapters import adapter_for
     from lwq.calibration import CalibrationSet, build_calibration_set
     from lwq.loading import read_layer_weights
@@ -190,7 +240,7 @@ def test_layer_by_layer_checkpoint_equals_the_parallel_pass(family: str, tmp_pat
     from lwq.quantize import MethodPlan, assemble_checkpoint, plan_for, quantize_model
 
     model_dir = save_tiny_model_dir(family, tmp_path / "m")
-    cfg = _cfg(model_dir, tmp_path / "a", 2.7)
+    cfg = _cfg(model_dir, tmp_path / "a", 2.7, **({} if bases is None else {"bases": bases}))
     cfg = cfg.model_copy(update={"calib": cfg.calib.model_copy(update={"mode": "parallel"})})
     model, tok = load_model_dir(model_dir)
     adapter = adapter_for(model.config.model_type)
@@ -209,17 +259,19 @@ def test_layer_by_layer_checkpoint_equals_the_parallel_pass(family: str, tmp_pat
     save_state(state, tmp_path / "state")
     light = load_state(tmp_path / "state", expect_code=state.code_version)
     assert light.names == state.names and torch.equal(light.profile.AtA, state.profile.AtA)
+    assert light.bases == state.bases == tuple(bases or [2])
+    assert torch.equal(light.profile.BtB, state.profile.BtB)
     weights = read_layer_weights(model_dir, list(state.names))
     gptq, errors = cfg.gptq.settings(), {}
-    for name, r in zip(plan.alloc.names, plan.alloc.ratios, strict=True):
+    light_plan = MethodPlan(light, plan.alloc)
+    for name in plan.alloc.names:
         assert torch.equal(
             weights[name], adapter.read_weight(dict(adapter.iter_layers(model))[name])
         )
-        res = quantize_layer(weights[name], store.get(name), light.job(name, r), gptq, None, True)
+        res = quantize_layer(weights[name], store.get(name), light_plan.job(name), gptq, None, True)
         errors[name] = res.output_error
         pack_layer(name, res.weight).save(tmp_path / f"{name}.safetensors")
     packed = [PackedLayer.load(tmp_path / f"{n}.safetensors") for n in reversed(state.names)]
-    light_plan = MethodPlan(light, plan.alloc)
     by_layer = assemble_checkpoint(
         model_dir, tmp_path / "b", packed, light_plan, calib, cfg, errors
     )
@@ -274,6 +326,7 @@ def test_largest_layers_are_quantized_first() -> None:
     from lwq.method.state import largest_first
 
     shapes = [(128, 128), (512, 128), (128, 512), (32, 128), (128, 128)]
-    state: Any = SimpleNamespace(costs=[SimpleNamespace(shape=s) for s in shapes])
+    costs = [SimpleNamespace(shape=s) for s in shapes]
+    state: Any = SimpleNamespace(names=[str(i) for i in range(5)], costs=costs * 2)  # 2 bases
     # The wide-input layer (a down projection) costs most, ties keep model order.
     assert largest_first(state) == [2, 1, 0, 4, 3]

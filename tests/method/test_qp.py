@@ -110,3 +110,63 @@ def test_curved_prediction_is_the_quadratic_at_the_effective_ratios() -> None:
     )
     assert profile.predicted_loss(r) == pytest.approx(chord.predicted_loss(s))
     assert profile.per_layer_loss(r).tolist() == pytest.approx(chord.per_layer_loss(s).tolist())
+
+
+def two_bases(n_layers: int, seed: int = 0) -> tuple[SensitivityProfile, list[LayerCost]]:
+    """A profile over two bases, base-major: on the wider base (3 bits) every layer's
+    output change is smaller, by a factor that differs per layer."""
+    gen = torch.Generator().manual_seed(seed)
+    p2, c2 = synthetic(n_layers, seed=seed, curved=True)
+    shrink = 0.02 + 0.3 * torch.rand(n_layers, generator=gen, dtype=torch.float64)
+    d = torch.cat([torch.ones(n_layers, dtype=torch.float64), shrink])
+    A = torch.cat([torch.eye(n_layers, dtype=torch.float64)] * 2, dim=1) * d  # (N, 2N) maps
+    assert p2.gamma is not None
+    profile = SensitivityProfile(
+        p2.names * 2,
+        p2.r_max,
+        A.T @ p2.AtA @ A,
+        A.T @ p2.AtB @ A,
+        A.T @ p2.BtB @ A,
+        n_tokens=1,
+        gamma=torch.cat([p2.gamma, p2.gamma]),
+    )
+    lo3, hi = GridSpec(3, 64), GridSpec(4, 64)
+    c3 = [
+        layer_cost(c.name, ranking(torch.rand(c.shape, generator=gen)), c.shape, lo3, hi)
+        for c in c2
+    ]
+    return profile, c2 + c3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_bases_chosen_are_the_best_assignment(seed: int) -> None:
+    from lwq.method.qp import choose_families
+
+    n = 6
+    profile, costs = two_bases(n, seed)
+    low = feasible_range(costs[:n], profile.r_max)[0]
+    high = feasible_range(costs[n:], profile.r_max)[0]
+    budget = 0.5 * (low + high)  # between the two bases at r = 0: some layers on each
+
+    def solved(families: tuple[int, ...]) -> float:
+        idx = [f * n + i for i, f in enumerate(families)]
+        sub, sub_costs = profile.subset(idx), [costs[k] for k in idx]
+        try:
+            a = solve_allocation(sub, sub_costs, budget)
+        except ConfigError:
+            return float("inf")
+        assert a.bits <= budget + 1e-9
+        return a.predicted_loss
+
+    chosen = choose_families(profile, costs, n, budget, evaluate=solved)
+    every: dict[tuple[int, ...], float] = {
+        tuple(z): solved(tuple(z)) for z in itertools.product((0, 1), repeat=n)
+    }
+    best = min(every.values())
+    best_z: tuple[int, ...] = min(every, key=every.__getitem__)
+    assert set(best_z) == {0, 1}  # the best mixes the bases
+    # Found among the 64 assignments (brute force: one QP each) by the price and the
+    # single changes after it.
+    assert set(chosen) == {0, 1} and solved(chosen) <= best * (1 + 1e-6)
+    assert solved(chosen) < every[(0,) * n]  # the narrow base for all (the wide one is over)
+    assert every[(1,) * n] == float("inf")
