@@ -90,6 +90,7 @@ def uniform_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
         for bits, group in UNIFORM:
             key = f"{method} W{bits} g{group}"
             key += " act-order" if method == "gptq" and args.act_order else ""
+            key += " mse" if method == "gptq" and args.clip == "mse" else ""
             if key in done or (args.uniform and key not in args.uniform):
                 continue
             out = args.work / key.replace(" ", "-")
@@ -98,6 +99,7 @@ def uniform_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             cmd += ["--overwrite", "-q"] + ([] if method == "rtn" else calib_args(args.calib_path))
             if method == "gptq":
                 cmd.append("--act-order" if args.act_order else "--no-act-order")
+                cmd += ["--clip", args.clip]
             run = run_child(cmd)
             yield (
                 key,
@@ -122,7 +124,9 @@ def lwq_child(spec: dict[str, Any]) -> None:
     from lwq.quantize import MethodPlan, prepare_method, quantize_model
 
     work = Path(spec["work"])
-    method = {"lo_bits": spec["lo"], "hi_bits": spec["hi"], "group_size": spec["group"]}
+    widths = [int(b) for b in str(spec["lo"]).split("+")]  # 2+3: each layer's base chosen
+    method: dict[str, Any] = {"hi_bits": spec["hi"], "group_size": spec["group"]}
+    method |= {"lo_bits": widths[0]} if len(widths) == 1 else {"bases": widths}
     if spec.get("r_max") is not None:
         method["r_max"] = spec["r_max"]
     if spec.get("structure", "weights") != "weights":
@@ -140,7 +144,7 @@ def lwq_child(spec: dict[str, Any]) -> None:
                     "mode": spec["mode"],
                 },
                 "quant": {"method": "lwq"},
-                "gptq": {"act_order": bool(spec.get("act_order", False))},
+                "gptq": {"act_order": bool(spec.get("act_order", False)), "clip": spec["clip"]},
                 "method": {**method, **extra},
             }
         )
@@ -159,6 +163,8 @@ def lwq_child(spec: dict[str, Any]) -> None:
         for variant in spec["variants"]:
             if variant == "fp16" and budget != spec["budgets"][0]:
                 continue  # one fixed ratio: one row whatever the budget
+            if variant in ("fp16", "fixed") and len(widths) > 1:
+                continue  # one ratio for all layers needs one base
             t = time.perf_counter()
             cfg = config(budget=budget)
             if variant == "fp16":
@@ -208,6 +214,7 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
         r_max = float(rest[0]) if rest else None
         tag = f"lwq {lo}/{hi} g{group}" + (f" r{r_max:g}" if rest else "")
         tag += " columns" if args.structure == "columns" else ""
+        tag += " mse" if args.clip == "mse" else ""
         tag += (" act-order" if args.act_order else "") + f" {args.mode}"
         variants = [v for v in args.variants if f"{tag} {v}" not in done]
         if not variants:
@@ -215,7 +222,7 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
         spec = {
             "model": str(args.model),
             "work": str(args.work / tag.replace(" ", "-").replace("/", "-")),
-            "lo": int(lo),
+            "lo": lo,
             "hi": int(hi),
             "group": int(group),
             "r_max": r_max,
@@ -225,6 +232,7 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             "budgets": args.budgets,
             "variants": variants,
             "calib": str(args.calib_path),
+            "clip": args.clip,
         }
         run = run_child([sys.executable, __file__, "--lwq-child", json.dumps(spec)])
         lines = [json.loads(x) for x in run.stdout.strip().splitlines() if x.startswith("{")]
@@ -333,6 +341,9 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="gptq.act_order of the GPTQ and lwq rows (default on, as in lwq)",
+    )
+    ap.add_argument(
+        "--clip", choices=["minmax", "mse"], default="minmax", help="gptq.clip of our rows"
     )
     ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor)")
     ap.add_argument("--full", action="store_true", help="also the whole WikiText-2 test set")
