@@ -521,3 +521,29 @@ def test_uniform_methods_run_through_the_same_stages(
     # A fractional width is refused before anything runs, naming the method.
     assert main([*args, "--method", "gptq", "--bits", "3.5"]) == 2
     assert "--method lwq" in capsys.readouterr().err
+
+
+def test_each_layer_on_its_own_base_through_the_workflow(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lwq run --bases 2,3`: the layer tasks take each layer's base, and the checkpoint
+    has the bytes of `lwq quantize --mode parallel --bases 2,3` on the same calibration."""
+    from cli.main import main
+
+    calib = str(ZOO / "data" / "calibration.txt")
+    text = (ZOO / "data" / "validation.txt").read_text(encoding="utf-8")[:20000]
+    (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
+    common = ["--model", str(tiny_llama), "--calib", calib, "--n-samples", "4"]
+    common += ["--profile-samples", "8", "--profile-seq-len", "16", "--bases", "2,3"]
+    common += ["--seq-len", "32", "--group-size", "32", "--bits", "3.0", "-q"]
+    run = ["run", *common, "--data", str(tmp_path / "eval.txt")]
+    assert main([*run, "--work-dir", str(tmp_path / "work")]) == 0
+    out = capsys.readouterr().out
+    assert "registered lwq-tiny-llama version 1" in out
+    lib = ["quantize", *common, "--method", "lwq", "--mode", "parallel"]
+    assert main([*lib, "--out", str(tmp_path / "lib")]) == 0
+    capsys.readouterr()
+    (ckpt,) = sorted((tmp_path / "work" / "store" / "tiny-llama").iterdir())
+    flow, lib_m = read_manifest(ckpt), read_manifest(tmp_path / "lib")
+    assert {x.lo.bits for x in flow.layers.values()} == {2, 3}
+    assert flow.files == lib_m.files  # same bytes, file by file
