@@ -369,6 +369,8 @@ def main() -> None:
     rows: dict[str, Any] = json.loads(args.json.read_text()) if args.json.is_file() else {}
 
     def save(key: str, row: dict[str, Any]) -> None:
+        if args.json.is_file():  # rows another run saved meanwhile are kept
+            rows.update({k: v for k, v in json.loads(args.json.read_text()).items() if k != key})
         rows[key] = row
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
