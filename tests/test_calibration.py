@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, ZOO
+from conftest import ZOO
 
 from lwq.calibration import (
     SELF,
@@ -85,25 +83,25 @@ def test_a_model_outside_the_zoo_calibrates_on_its_own_text(tmp_path: Path) -> N
     assert resolve_inputs(given).calib.source == "x.txt"
 
 
-def test_lwq_calibrate_saves_a_set_that_quantize_reads(tmp_path: Path) -> None:
+def test_lwq_calibrate_saves_a_set_that_quantize_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.main import main
+
     out = tmp_path / "calib.safetensors"
-
-    def lwq(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True
-        )
-
     sizes = ["--n-samples", "4", "--seq-len", "32"]
-    made = lwq("calibrate", "--model", str(LLAMA), "--calib", "self", *sizes, "--out", str(out))
-    assert made.returncode == 0, made.stderr
-    assert "4 windows of 32 tokens" in made.stdout
-    again = lwq("calibrate", "--model", str(LLAMA), "--calib", "self", "--out", str(out))
-    assert again.returncode != 0 and "--overwrite" in again.stderr  # nothing replaced
-    wrong = lwq("calibrate", "--model", str(LLAMA), "--out", str(tmp_path / "c.txt"))
-    assert wrong.returncode != 0 and ".safetensors" in wrong.stderr
+    assert (
+        main(["calibrate", "--model", str(LLAMA), "--calib", "self", *sizes, "--out", str(out)])
+        == 0
+    )
+    assert "4 windows of 32 tokens" in capsys.readouterr().out
+    assert main(["calibrate", "--model", str(LLAMA), "--calib", "self", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # nothing replaced
+    assert main(["calibrate", "--model", str(LLAMA), "--out", str(tmp_path / "c.txt")]) == 2
+    assert ".safetensors" in capsys.readouterr().err
     ck = tmp_path / "ck"
-    q = lwq("quantize", "--model", str(LLAMA), "--calib", str(out), *sizes, "--out", str(ck), "-q")
-    assert q.returncode == 0, q.stderr
+    args = ["quantize", "--model", str(LLAMA), "--calib", str(out), *sizes, "--out", str(ck)]
+    assert main([*args, "-q"]) == 0
     from lwq.pack.checkpoint import read_manifest
 
     info = read_manifest(ck).quantization.calibration

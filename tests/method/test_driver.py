@@ -123,29 +123,29 @@ def test_each_layer_takes_its_own_base(tmp_path: Path) -> None:
     from lwq.method.qp import solve_allocation
     from lwq.method.state import allocate, prepare
     from lwq.models import load_model_dir
-    from lwq.quantize import calibration_set
+    from lwq.quantize import MethodPlan, calibration_set, quantize_model
 
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
     cfg = _cfg(model_dir, tmp_path / "q", 3.0, bases=[3, 2])
     assert cfg.method.bases == (2, 3)
-    report = quantize(cfg, progress=False)
-    m = report.manifest
+    fp, tok = load_model_dir(model_dir)
+    calib = calibration_set(cfg, tok, fp.config)
+    state = prepare(fp, adapter_for(fp), calib, cfg, None, False)
+    assert state.n_families == 2 and len(state.costs) == 2 * len(state.names)
+    mixed = allocate(state, cfg)
+    one_base = solve_allocation(*state.options([0] * len(state.names)), 3.0)
+    assert mixed.predicted_loss <= one_base.predicted_loss + 1e-12
+    assert len(mixed.families) == len(state.names)
+    plan = MethodPlan(state, mixed)
+    m = quantize_model(model_dir, tmp_path / "q", plan, calib, cfg, False).manifest
     assert m.allocation is not None
     assert {x.lo.bits for x in m.layers.values()} == {2, 3}
     assert {x.name: x.lo_bits for x in m.allocation.layers} == {
         name: x.lo.bits for name, x in m.layers.items()
     }
     assert 3.0 - 0.03 <= m.bits.from_bytes <= 3.0 + 0.02
-    model, _, _ = load_quantized(report.out)
+    model, _, _ = load_quantized(tmp_path / "q")
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
-
-    fp, tok = load_model_dir(model_dir)
-    state = prepare(fp, adapter_for(fp), calibration_set(cfg, tok, fp.config), cfg, None, False)
-    assert state.n_families == 2 and len(state.costs) == 2 * len(state.names)
-    mixed = allocate(state, cfg)
-    one_base = solve_allocation(*state.options([0] * len(state.names)), 3.0)
-    assert mixed.predicted_loss <= one_base.predicted_loss + 1e-12
-    assert len(mixed.families) == len(state.names)
 
 
 def test_settings_that_do_not_go_with_several_bases_are_refused(tmp_path: Path) -> None:
