@@ -22,7 +22,7 @@ from cli.operations import (
     add_serve_parser,
     add_trigger_parser,
 )
-from cli.options import CALIB_HELP, add_quantize_args, config_from_args, parse_budgets
+from cli.options import add_calib_args, add_quantize_args, config_from_args, parse_budgets
 from cli.workflow import add_run_parser
 from lwq.errors import LwqError
 
@@ -319,12 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--model", required=True, help="model directory, .gguf file or real model name"
     )
-    cal.add_argument("--calib", help=CALIB_HELP)
-    cal.add_argument("--n-samples", type=int, help="calib.n_samples (default 128)")
-    cal.add_argument(
-        "--seq-len", type=int, help="calib.seq_len (default: the model's context, at most 2048)"
-    )
-    cal.add_argument("--seed", type=int, help="calib.seed (default 0)")
+    add_calib_args(cal)
     cal.add_argument(
         "--temperature", type=float, help="calib.temperature of generated text (default 1.0)"
     )

@@ -80,6 +80,18 @@ def parse_budgets(text: str) -> list[float]:
         raise LwqError(f"--bits {text!r}: give comma-separated numbers, e.g. 2.25,2.5,3.0") from err
 
 
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    """The calibration set's flags (quantize, sweep, run and calibrate)."""
+    p.add_argument("--calib", help=CALIB_HELP)
+    p.add_argument("--n-samples", type=int, help="calib.n_samples (default 128)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        help="calib.seq_len (default: the model's context, at most 2048 tokens)",
+    )
+    p.add_argument("--seed", type=int, help="calib.seed (default 0)")
+
+
 def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
     """Flags of quantize, sweep and run (each overrides its --config key).
 
@@ -131,14 +143,7 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument(
             "--symmetric", action="store_true", help="quant.symmetric grid (rtn and gptq)"
         )
-    p.add_argument("--calib", help=CALIB_HELP)
-    p.add_argument("--n-samples", type=int, help="calib.n_samples (default 128)")
-    p.add_argument(
-        "--seq-len",
-        type=int,
-        help="calib.seq_len (default: the model's context, at most 2048 tokens)",
-    )
-    p.add_argument("--seed", type=int, help="calib.seed (default 0)")
+    add_calib_args(p)
     if command != "run":
         p.add_argument(
             "--mode", choices=["parallel", "sequential"], help="calib.mode (default sequential)"

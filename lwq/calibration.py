@@ -236,12 +236,19 @@ def build_calibration_set(
     model: Any = None,
     temperature: float = 1.0,
     generate_batch: int = 32,
+    model_dir: Path | None = None,
+    device: str = "cpu",
 ) -> CalibrationSet:
     """The windows of ``source``: a text tokenised once and sampled, a saved set,
-    or (``self``) sequences ``model`` generates."""
+    or (``self``) sequences the model generates: ``model``, or loaded from
+    ``model_dir`` onto ``device`` for the generation only."""
     if needs_model(source):
         if model is None:
-            raise ConfigError("calib.source=self generates text with the model: pass the model")
+            if model_dir is None:
+                raise ConfigError("calib.source=self generates text with the model: pass the model")
+            from lwq.models import load_model_dir
+
+            model = load_model_dir(Path(model_dir), device=device)[0]
         return generate_calibration_set(
             model, tokenizer, n_samples, seq_len, seed, temperature, generate_batch
         )

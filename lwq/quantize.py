@@ -311,11 +311,8 @@ def calibration_set(
     ``calib.source=self`` generates them with ``model``, loaded from
     ``config.model`` when not given."""
     c = config.calib
-    config.require("calib.source")
+    config.require("calib.source", *(["model"] if needs_model(c.source) else []))
     seq_len = context_window(model_config, c.seq_len)
-    if needs_model(c.source) and model is None:
-        config.require("model")
-        model, _ = load_model_dir(Path(str(config.model)), device=config.device)
     return build_calibration_set(
         tokenizer,
         str(c.source),
@@ -325,6 +322,8 @@ def calibration_set(
         model,
         c.temperature,
         c.generate_batch,
+        None if config.model is None else Path(str(config.model)),
+        config.device,
     )
 
 

@@ -404,7 +404,7 @@ def choose_families(
         out: np.ndarray = own[cand] + alpha[:, None] - S[cand] * beta[:, None] + lam * bits[cand]
         return out
 
-    def _margins(lam: float) -> np.ndarray:
+    def margins(lam: float) -> np.ndarray:
         """How much worse each layer's best option on another base is than its own."""
         out = np.zeros(N)
         for i in range(N):
@@ -440,9 +440,8 @@ def choose_families(
         return best
     best_loss = evaluate(best)
     for _ in range(4):  # rounds of single changes, nearest to changing first
-        margins = _margins(hi)
         improved = False
-        for i in np.argsort(margins)[:tries]:
+        for i in np.argsort(margins(hi))[:tries]:
             for f in range(F):
                 if f == best[i]:
                     continue

@@ -105,9 +105,14 @@ class MethodState:
         return len(self.costs) // len(self.names)
 
     @property
-    def bases(self) -> tuple[int, ...]:
+    def base_grids(self) -> tuple[GridSpec, ...]:
+        """The low grid of each base, in the order of the options."""
         n = len(self.names)
-        return tuple(self.costs[f * n].lo.bits for f in range(self.n_families))
+        return tuple(self.costs[f * n].lo for f in range(self.n_families))
+
+    @property
+    def bases(self) -> tuple[int, ...]:
+        return tuple(g.bits for g in self.base_grids)
 
     def options(
         self, families: Sequence[int] = ()
@@ -439,10 +444,7 @@ def save_state(state: MethodState, directory: Path) -> Path:
         "code_version": state.code_version,
         "names": list(state.names),
         "shapes": [list(c.shape) for c in state.options()[1]],
-        "lo": [
-            grid_meta(state.costs[f * len(state.names)].lo).model_dump()
-            for f in range(state.n_families)
-        ],
+        "lo": [grid_meta(g).model_dump() for g in state.base_grids],
         "hi": grid_meta(state.hi).model_dump(),
         "structure": state.costs[0].structure if state.costs else "weights",
         "n_blocks": state.n_blocks,
