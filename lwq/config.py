@@ -26,6 +26,7 @@ from pydantic import (
 
 from lwq.calibration import SELF
 from lwq.errors import ConfigError
+from lwq.models import MAX_WINDOW, context_window
 from lwq.quant.gptq import GPTQSettings
 from lwq.quant.grid import FLOAT_BITS, SUPPORTED_BITS, GridSpec
 from lwq.quant.lwc import LWCSettings
@@ -406,7 +407,27 @@ class LwqConfig(_Strict):
                 f"{_do_not_apply(off)} to quant.method={method} ({why}); "
                 "remove the setting or choose another quant.method"
             )
+        # Windows are at most MAX_WINDOW tokens: what even those cannot hold is refused
+        # here; resolve_inputs checks again with the model's own context.
+        self.check_profile_fits(self.calib.seq_len or MAX_WINDOW, ValueError)
         return self
+
+    def check_profile_fits(self, window: int, error: type[Exception] = ConfigError) -> None:
+        """The reverse profile's sequences are cut from the calibration windows (of
+        ``window`` tokens): a set too small for them is refused before it is built."""
+        c, m = self.calib, self.method
+        if self.quant.method != "lwq" or m.profile != "reverse":
+            return
+        holds = c.n_samples * (window // m.profile_seq_len)
+        if holds < m.profile_samples:
+            raise error(
+                f"calibration too small for the sensitivity profile: "
+                f"method.profile_samples={m.profile_samples} sequences of "
+                f"method.profile_seq_len={m.profile_seq_len} tokens, but calib.n_samples="
+                f"{c.n_samples} windows of {window} tokens (calib.seq_len) hold {holds}: raise "
+                "calib.n_samples (--n-samples) or calib.seq_len (--seq-len), or lower "
+                "method.profile_samples or method.profile_seq_len"
+            )
 
     def check_for(self, command: Command) -> None:
         """Refuse settings the command would ignore, before anything runs."""
@@ -539,4 +560,8 @@ def resolve_inputs(config: LwqConfig, evaluation: bool = False) -> LwqConfig:
         overrides["calib.source"] = str(calib) if calib.is_file() else SELF
     if evaluation and config.pipeline.eval_data is None and validation.is_file():
         overrides["pipeline.eval_data"] = str(validation)
+    if config.calib.seq_len is None and (model / "config.json").is_file():
+        from transformers import AutoConfig
+
+        config.check_profile_fits(context_window(AutoConfig.from_pretrained(model)))
     return with_overrides(config, overrides) if overrides else config

@@ -75,9 +75,36 @@ def test_a_calibration_set_too_small_for_the_profile_fails_before_any_work(
     tmp_path: Path,
 ) -> None:
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
-    cfg = _cfg(model_dir, tmp_path / "q", 2.7, profile_samples=9)  # 4 x 32 tokens hold 8 of 16
+    cfg = _cfg(model_dir, tmp_path / "q", 2.7, profile_samples=8)
+    small = cfg.model_dump()
+    small["method"]["profile_samples"] = 9  # 4 x 32 tokens hold 8 sequences of 16
+    with pytest.raises(ConfigError, match=r"profile_samples=9 .* hold 8: raise calib\.n_samples"):
+        make_config(small)
+    # The same refusal from the saved state's own check, should a config bypass validation:
+    bypass = cfg.model_copy(update={"method": cfg.method.model_copy(update={"profile_samples": 9})})
     with pytest.raises(ConfigError, match=r"method\.profile_samples=9 .* holds 8: raise calib"):
-        quantize(cfg, progress=False)
+        quantize(bypass, progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_self_calibration_too_small_for_the_profile_is_refused_before_it_is_generated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.main import main
+
+    def no_work(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the calibration set was generated for a profile it cannot hold")
+
+    monkeypatch.setattr("lwq.calibration.generate_calibration_set", no_work)
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    args = ["quantize", "--model", str(model_dir), "--out", str(tmp_path / "q"), "--method"]
+    args += ["lwq", "--calib", "self", "--n-samples", "8", "--seq-len", "128", "--bits", "2.7"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "method.profile_samples=256" in err and "hold 8" in err and "--n-samples" in err
+    # Without --seq-len the windows are the model's context (64 tokens): none holds 128.
+    assert main([*args[:-6], "--n-samples", "16", "--bits", "2.7"]) == 2
+    assert "16 windows of 64 tokens (calib.seq_len) hold 0" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
 
 
