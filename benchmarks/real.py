@@ -343,7 +343,7 @@ def main() -> None:
         help="gptq.act_order of the GPTQ and lwq rows (default on, as in lwq)",
     )
     ap.add_argument(
-        "--clip", choices=["minmax", "mse"], default="minmax", help="gptq.clip of our rows"
+        "--clip", choices=["minmax", "mse"], default="mse", help="gptq.clip of our rows"
     )
     ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor)")
     ap.add_argument("--full", action="store_true", help="also the whole WikiText-2 test set")

@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--n-allocs", type=int, default=24)
     ap.add_argument("--lo-bits", type=int, default=2, help="method.lo_bits of the allocations")
     ap.add_argument("--r-max", type=float, default=0.3, help="method.r_max of the allocations")
-    ap.add_argument("--clip", choices=["minmax", "mse"], default="minmax", help="gptq.clip")
+    ap.add_argument("--clip", choices=["minmax", "mse"], default="mse", help="gptq.clip")
     ap.add_argument("--levels", nargs="+", default=["spread", "0.1", "0.03"])
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
     ap.add_argument(

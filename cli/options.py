@@ -159,8 +159,8 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument(
         "--clip",
         choices=["minmax", "mse"],
-        help="gptq.clip, each group's grid range: minmax (default), or mse (shrunk to "
-        "minimise the rounding error weighted by the Hessian diagonal)",
+        help="gptq.clip, each group's grid range: mse (default: the min-max range shrunk "
+        "to minimise the rounding error weighted by the Hessian diagonal) or minmax",
     )
     p.add_argument("--device", help="device (default cpu)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -111,9 +111,10 @@ class GPTQConfig(_Strict):
     )
     static_groups: bool = False
     clip: Literal["minmax", "mse"] = Field(
-        "minmax",
-        description="each group's grid range: min-max, or mse (shrunk to minimise the "
-        "rounding error weighted by the Hessian diagonal)",
+        "mse",
+        description="each group's grid range: mse (the min-max range shrunk to minimise the "
+        "rounding error weighted by the Hessian diagonal; on SmolLM2-135M GPTQ W3 g128 38.3 "
+        "instead of 63.1 WikiText-2 perplexity) or minmax",
     )
 
     def settings(self) -> GPTQSettings:

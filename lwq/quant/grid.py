@@ -65,6 +65,8 @@ class GridSpec:
 # min-max range, k < CLIP_STEPS * CLIP_MAX_SHRINK (GPTQ's reference search grid).
 CLIP_STEPS = 100
 CLIP_MAX_SHRINK = 0.8
+# Elements of the (factors, d_out, g) temporaries of one step of that search.
+CLIP_CHUNK_ELEMENTS = 1 << 18
 
 
 def grid_params(
@@ -86,28 +88,33 @@ def grid_params(
     weights: clipping a few extreme weights buys a finer step for the rest.
     """
     xmin, xmax = _range(w, spec, select)
-    scale, zero = _params(xmin, xmax, spec)
     if weight is None:
-        return scale, zero
+        return _params(xmin, xmax, spec)
     wt = weight.to(w.dtype).clamp(min=0)[None, :].expand_as(w)
     if select is not None:
         wt = wt * select.to(w.dtype)
-    best = _weighted_error(w, scale, zero, spec, wt)
-    for k in range(1, int(CLIP_STEPS * CLIP_MAX_SHRINK)):
-        p = 1 - k / CLIP_STEPS
-        s, z = _params(p * xmin, p * xmax, spec)
-        e = _weighted_error(w, s, z, spec, wt)
-        better = e < best
-        best = torch.where(better, e, best)
-        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
-    return scale, zero
-
-
-def _weighted_error(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: GridSpec, wt: torch.Tensor
-) -> torch.Tensor:
-    s, z = scale[:, None], zero[:, None]
-    return ((dequantize(quantize(w, s, z, spec.maxq), s, z) - w).square() * wt).sum(dim=1)
+    # Every shrink factor at once (factor 1, min-max, first), in chunks that bound the
+    # (factors, d_out, g) temporaries; the first factor of least error wins, as in
+    # GPTQ's sequential search.
+    factors = 1 - torch.arange(int(CLIP_STEPS * CLIP_MAX_SHRINK), dtype=w.dtype) / CLIP_STEPS
+    factors = factors.to(w.device)
+    chunk = max(1, CLIP_CHUNK_ELEMENTS // max(1, w.numel()))
+    best_e = best_s = best_z = None
+    for part in factors.split(chunk):
+        s, z = _params(part[:, None] * xmin, part[:, None] * xmax, spec)  # (k, d_out)
+        q = quantize(w, s[..., None], z[..., None], spec.maxq)
+        e = ((dequantize(q, s[..., None], z[..., None]) - w).square() * wt).sum(dim=2)
+        e_min, k = e.min(dim=0)
+        rows = torch.arange(w.shape[0], device=w.device)
+        s, z = s[k, rows], z[k, rows]
+        if best_e is None or best_s is None or best_z is None:
+            best_e, best_s, best_z = e_min, s, z
+        else:
+            better = e_min < best_e
+            best_e = torch.where(better, e_min, best_e)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    assert best_s is not None and best_z is not None
+    return best_s, best_z
 
 
 def _range(
