@@ -410,22 +410,26 @@ class LwqConfig(_Strict):
             )
         # Windows are at most MAX_WINDOW tokens: what even those cannot hold is refused
         # here; resolve_inputs checks again with the model's own context.
-        self.check_profile_fits(self.calib.seq_len or MAX_WINDOW, ValueError)
+        self.check_profile_fits(self.calib.seq_len or MAX_WINDOW, ValueError, self.calib.seq_len)
         return self
 
-    def check_profile_fits(self, window: int, error: type[Exception] = ConfigError) -> None:
+    def check_profile_fits(
+        self, window: int, error: type[Exception] = ConfigError, given: int | None = 0
+    ) -> None:
         """The reverse profile's sequences are cut from the calibration windows (of
-        ``window`` tokens): a set too small for them is refused before it is built."""
+        ``window`` tokens; ``given`` None: at most that many, calib.seq_len unset):
+        a set too small for them is refused before it is built."""
         c, m = self.calib, self.method
         if self.quant.method != "lwq" or m.profile != "reverse":
             return
         holds = c.n_samples * (window // m.profile_seq_len)
         if holds < m.profile_samples:
+            size = f"{window} tokens" if given is not None else f"at most {window} tokens"
             raise error(
                 f"calibration too small for the sensitivity profile: "
                 f"method.profile_samples={m.profile_samples} sequences of "
                 f"method.profile_seq_len={m.profile_seq_len} tokens, but calib.n_samples="
-                f"{c.n_samples} windows of {window} tokens (calib.seq_len) hold {holds}: raise "
+                f"{c.n_samples} windows of {size} (calib.seq_len) hold {holds}: raise "
                 "calib.n_samples (--n-samples) or calib.seq_len (--seq-len), or lower "
                 "method.profile_samples or method.profile_seq_len"
             )

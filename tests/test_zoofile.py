@@ -25,8 +25,8 @@ zoo: {ZOO}
 defaults:
   bits: [2.5, 3.0]
   config:
-    calib: {{n_samples: 8}}
-    method: {{r_max: 0.4}}
+    calib: {{n_samples: 8}}  # 8 windows hold the profile's 8 sequences of 16 tokens
+    method: {{r_max: 0.4, profile_samples: 8, profile_seq_len: 16}}
     pipeline: {{work_dir: work}}
 entries:
   - model: llama-6l-128d
@@ -57,8 +57,6 @@ def test_every_problem_of_every_entry_is_reported_at_once(tmp_path: Path) -> Non
         tmp_path,
         f"""
 zoo: {ZOO}
-defaults:
-  config: {{calib: {{n_samples: 8}}}}
 entries:
   - model: llama-6l-128d
     bitz: 2.5
@@ -78,6 +76,9 @@ entries:
   - model: gpt2-6l-128d
     name: fine
     config: {{method: {{r_max: 2}}}}
+  - model: gpt2-6l-128d
+    name: small
+    config: {{calib: {{n_samples: 8}}}}
 """,
     )
     with pytest.raises(ConfigError) as err:
@@ -90,6 +91,8 @@ entries:
     assert "entry 5 (gpt2-6l-128d): calib.n_samples does not apply to quant.method=rtn" in msg
     assert "entry 6 (good):" in msg and "quant.bits does not apply to quant.method=lwq" in msg
     assert "entry 7 (fine): config.method.r_max" in msg
+    # 8 windows of the model's 256 tokens hold 16 of the profile's 256 sequences:
+    assert "entry 8 (small): calibration too small for the sensitivity profile" in msg
 
 
 @pytest.mark.parametrize(
