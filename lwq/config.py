@@ -410,21 +410,25 @@ class LwqConfig(_Strict):
             )
         # Windows are at most MAX_WINDOW tokens: what even those cannot hold is refused
         # here; resolve_inputs checks again with the model's own context.
-        self.check_profile_fits(self.calib.seq_len or MAX_WINDOW, ValueError, self.calib.seq_len)
+        self.check_profile_fits(
+            self.calib.seq_len or MAX_WINDOW, ValueError, at_most=self.calib.seq_len is None
+        )
         return self
 
     def check_profile_fits(
-        self, window: int, error: type[Exception] = ConfigError, given: int | None = 0
+        self, window: int, error: type[Exception] = ConfigError, at_most: bool = False
     ) -> None:
         """The reverse profile's sequences are cut from the calibration windows (of
-        ``window`` tokens; ``given`` None: at most that many, calib.seq_len unset):
+        ``window`` tokens, or ``at_most`` that many when calib.seq_len is unset):
         a set too small for them is refused before it is built."""
+        from lwq.method.reverse import profile_capacity
+
         c, m = self.calib, self.method
         if self.quant.method != "lwq" or m.profile != "reverse":
             return
-        holds = c.n_samples * (window // m.profile_seq_len)
+        holds = profile_capacity(c.n_samples, window, m.profile_seq_len)
         if holds < m.profile_samples:
-            size = f"{window} tokens" if given is not None else f"at most {window} tokens"
+            size = f"at most {window} tokens" if at_most else f"{window} tokens"
             raise error(
                 f"calibration too small for the sensitivity profile: "
                 f"method.profile_samples={m.profile_samples} sequences of "

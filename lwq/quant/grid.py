@@ -97,24 +97,23 @@ def grid_params(
     # (factors, d_out, g) temporaries; the first factor of least error wins, as in
     # GPTQ's sequential search.
     factors = 1 - torch.arange(int(CLIP_STEPS * CLIP_MAX_SHRINK), dtype=w.dtype) / CLIP_STEPS
-    factors = factors.to(w.device)
-    chunk = max(1, CLIP_CHUNK_ELEMENTS // max(1, w.numel()))
-    best_e = best_s = best_z = None
-    for part in factors.split(chunk):
+    chunks = factors.to(w.device).split(max(1, CLIP_CHUNK_ELEMENTS // max(1, w.numel())))
+    rows = torch.arange(w.shape[0], device=w.device)
+
+    def least(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's least error over the factors ``part``, with its scale and zero."""
         s, z = _params(part[:, None] * xmin, part[:, None] * xmax, spec)  # (k, d_out)
         q = quantize(w, s[..., None], z[..., None], spec.maxq)
-        e = ((dequantize(q, s[..., None], z[..., None]) - w).square() * wt).sum(dim=2)
-        e_min, k = e.min(dim=0)
-        rows = torch.arange(w.shape[0], device=w.device)
-        s, z = s[k, rows], z[k, rows]
-        if best_e is None or best_s is None or best_z is None:
-            best_e, best_s, best_z = e_min, s, z
-        else:
-            better = e_min < best_e
-            best_e = torch.where(better, e_min, best_e)
-            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-    assert best_s is not None and best_z is not None
-    return best_s, best_z
+        e, k = ((dequantize(q, s[..., None], z[..., None]) - w).square() * wt).sum(2).min(0)
+        return e, s[k, rows], z[k, rows]
+
+    best, scale, zero = least(chunks[0])
+    for part in chunks[1:]:
+        e, s, z = least(part)
+        better = e < best
+        best = torch.where(better, e, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
 
 
 def _range(
