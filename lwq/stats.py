@@ -13,7 +13,7 @@ the current block's activations:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -211,6 +211,10 @@ def run_block(block: nn.Module, inputs: BlockInputs, index: int) -> list[torch.T
     ]
 
 
+class _Seen(Exception):
+    """Raised by a hook to end a block's forward once the wanted inputs are seen."""
+
+
 @dataclass(frozen=True)
 class BlockStats:
     """One decoder block, loaded, with the input Hessian of each of its layers."""
@@ -220,6 +224,55 @@ class BlockStats:
     layers: dict[str, nn.Module]  # full layer name -> module
     hessians: dict[str, torch.Tensor]  # full layer name -> (d_in, d_in); shared per input group
     n_tokens: int
+    inputs: BlockInputs | None = None  # the block's calibration inputs (to refresh Hessians)
+
+    def current_hessians(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The input Hessians of ``names`` (one input group) as the block is now.
+
+        In sequential mode, once the layers before them are quantized (GPTQ's
+        "true sequential" order: q/k/v, then o, then gate/up, then down), each
+        calibration batch runs the block only until every one of ``names`` has
+        seen its input.
+        """
+        if self.inputs is None:
+            raise LwqError(f"block {self.index}: no calibration inputs to refresh Hessians from")
+        modules = {n: self.layers[n] for n in names}
+        seen: set[str] = set()
+
+        def stop_when_all_seen(key: str) -> Any:
+            def hook(_mod: nn.Module, _args: Any) -> None:
+                seen.add(key)
+                if len(seen) == len(modules):
+                    raise _Seen
+
+            return hook
+
+        with torch.no_grad(), HessianHooks(modules) as hooks:
+            handles = [
+                m.register_forward_pre_hook(stop_when_all_seen(k)) for k, m in modules.items()
+            ]
+            try:
+                for h, (a, kw) in zip(
+                    self.inputs.hidden, self.inputs.calls[self.index], strict=True
+                ):
+                    seen.clear()
+                    try:
+                        self.block(h, *a, **kw)
+                    except _Seen:
+                        pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return {name: state.H for name, state in hooks.result().items()}
+
+    def input_groups(self) -> list[list[str]]:
+        """The block's layers grouped by the input they read (one Hessian each), in order;
+        without Hessians (no calibration) each layer alone."""
+        groups: dict[int, list[str]] = {}
+        for name in self.layers:
+            H = self.hessians.get(name)
+            groups.setdefault(id(name) if H is None else id(H), []).append(name)
+        return list(groups.values())
 
 
 def iter_block_stats(
@@ -271,4 +324,4 @@ def _block_stats(
         if not torch.isfinite(out).all():
             raise NumericalError(f"block {i} produced NaN or inf activations")
     n_tokens = next(iter(states.values())).n_tokens
-    return BlockStats(i, block, linears, hessians, n_tokens), outputs
+    return BlockStats(i, block, linears, hessians, n_tokens, inputs), outputs

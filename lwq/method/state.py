@@ -55,7 +55,7 @@ from lwq.pack.layer import grid_from_meta, grid_meta
 from lwq.pack.manifest import AllocationReport, GridMeta, LayerAllocation, ProfileInfo
 from lwq.provenance import code_version
 from lwq.quant.grid import GridSpec
-from lwq.quant.layer import LayerJob, quantize_layer
+from lwq.quant.layer import LayerJob, quantize_layer, quantize_together
 from lwq.stats import BlockStats, InMemoryCausalLM, iter_block_stats
 
 log = logging.getLogger(__name__)
@@ -246,35 +246,42 @@ def prepare(
     t = time.perf_counter()
     for step in iter_block_stats(source, calib, "parallel", config.calib.batch_size, progress):
         seconds["calibration"] += time.perf_counter() - t
+        weights: dict[str, torch.Tensor] = {}
+        shapes: dict[str, tuple[int, int]] = {}
+        t = time.perf_counter()
         for name, mod in step.layers.items():
-            t = time.perf_counter()
-            W = adapter.read_weight(mod)  # (d_out, d_in)
+            W = weights[name] = adapter.read_weight(mod)  # (d_out, d_in)
             H = step.hessians[name]
             scores = saliency(W, H, m.scoring, fisher.get(name), damp=config.gptq.damp, name=name)
             # the top r_max is all a ratio uses
             orders[name] = ranking(scores, keep=m.r_max, structure=m.structure)
-            shape = (int(W.shape[0]), int(W.shape[1]))
+            shapes[name] = (int(W.shape[0]), int(W.shape[1]))
             for per_base, lo in zip(costs, lo_grids, strict=True):
-                per_base.append(layer_cost(name, orders[name], shape, lo, hi, m.structure))
-            seconds["saliency"] += time.perf_counter() - t
-            t = time.perf_counter()
-            jobs = [  # base-major: each base's probe levels in turn
-                job_at_ratio(name, orders[name], shape, r, lo, hi, m.structure)
+                per_base.append(layer_cost(name, orders[name], shapes[name], lo, hi, m.structure))
+        seconds["saliency"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for group in step.input_groups():  # the layers of one input share one pass per grid
+            jobs = [  # per layer, base-major: each base's probe levels in turn
+                (name, job_at_ratio(name, orders[name], shapes[name], r, lo, hi, m.structure))
+                for name in group
                 for lo in lo_grids
                 for r in levels
             ]
-            probes.put(
-                name,
-                [
-                    Delta.of(W - quantize_layer(W, H, job, probe_gptq).weight.dequantize())
-                    for job in jobs
-                ],
-            )
-            seconds["probes"] += time.perf_counter() - t
-        groups: dict[int, list[str]] = {}
-        for name, H in step.hessians.items():
-            groups.setdefault(id(H), []).append(name)
-        shared_input += groups.values()
+            H = step.hessians[group[0]]
+            if probe_gptq is None:
+                errors = [
+                    quantize_layer(weights[n], H, j, None).weight.dequantize() for n, j in jobs
+                ]
+            else:
+                errors = quantize_together(
+                    [weights[n] for n, _ in jobs], H, [j for _, j in jobs], probe_gptq
+                )
+            per_layer = len(lo_grids) * len(levels)
+            for i, name in enumerate(group):
+                part = errors[i * per_layer : (i + 1) * per_layer]
+                probes.put(name, [Delta.of(weights[name] - q) for q in part])
+        seconds["probes"] += time.perf_counter() - t
+        shared_input += step.input_groups()
         if store is not None:
             store.put_block(step)
         t = time.perf_counter()

@@ -10,6 +10,7 @@ otherwise round-to-nearest.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,3 +108,77 @@ def quantize_layer(
     if measure_error and H is not None:
         error = relative_output_error(W, qw.dequantize(), H)
     return LayerOutcome(qw, loss, error)
+
+
+def quantize_together(
+    weights: Sequence[torch.Tensor],
+    H: torch.Tensor,
+    jobs: Sequence[LayerJob],
+    gptq: GPTQSettings,
+) -> list[torch.Tensor]:
+    """The dequantized result of each ``jobs[k]`` on ``weights[k]``, all with input Hessian ``H``.
+
+    GPTQ quantizes each row given H alone (the rounding error moves along the
+    row, through the inverse Hessian's Cholesky factor), so jobs that share H,
+    the low grid and the high grid run as one pass over their stacked rows: one
+    factorization and one column loop instead of one per job, with the same
+    result up to float rounding. A job without a mask takes an empty one. Jobs
+    that cannot share a pass (whole-column masks, which set their own column
+    order) run alone.
+    """
+    assert len(weights) == len(jobs)
+    out: list[torch.Tensor | None] = [None] * len(jobs)
+    groups: dict[GridSpec, list[int]] = {}  # by low grid
+    his: dict[GridSpec, GridSpec] = {}  # each group's high grid
+    for k, job in enumerate(jobs):
+        if job.hi_last or (job.hi is not None and his.setdefault(job.lo, job.hi) != job.hi):
+            out[k] = quantize_layer(weights[k], H, job, gptq).weight.dequantize()
+        else:
+            groups.setdefault(job.lo, []).append(k)
+    for lo, group in groups.items():
+        for members in _chunks(group, [weights[k].numel() for k in group]):
+            _quantize_stack(weights, H, jobs, lo, his.get(lo), members, gptq, out)
+    done = [t for t in out if t is not None]
+    assert len(done) == len(jobs), "every job quantized"
+    return done
+
+
+# Elements of one stacked pass at most (128 MB in float32): the pass holds a few
+# working copies of its rows, so large layers of large models go in several.
+STACK_ELEMENTS = 1 << 25
+
+
+def _chunks(members: list[int], sizes: list[int]) -> list[list[int]]:
+    out: list[list[int]] = [[]]
+    total = 0
+    for k, n in zip(members, sizes, strict=True):
+        if out[-1] and total + n > STACK_ELEMENTS:
+            out.append([])
+            total = 0
+        out[-1].append(k)
+        total += n
+    return out
+
+
+def _quantize_stack(
+    weights: Sequence[torch.Tensor],
+    H: torch.Tensor,
+    jobs: Sequence[LayerJob],
+    lo: GridSpec,
+    hi: GridSpec | None,
+    members: list[int],
+    gptq: GPTQSettings,
+    out: list[torch.Tensor | None],
+) -> None:
+    """One GPTQ pass over the stacked rows of ``jobs[k]``, k in ``members``."""
+    W = torch.cat([weights[k] for k in members])
+    mask = None
+    if hi is not None:
+        empty = lambda k: torch.zeros_like(weights[k], dtype=torch.bool)  # noqa: E731
+        mask = torch.cat([m if (m := jobs[k].mask) is not None else empty(k) for k in members])
+        if not bool(mask.any()):
+            mask, hi = None, None
+    name = "+".join(jobs[k].name for k in members)
+    deq = gptq_quantize(W, H, lo, gptq, mask=mask, hi=hi, name=name).weight.dequantize()
+    for k, part in zip(members, deq.split([weights[k].shape[0] for k in members]), strict=True):
+        out[k] = part

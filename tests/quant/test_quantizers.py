@@ -229,3 +229,35 @@ def test_gptq_with_clipped_grids_lowers_the_output_error(act_order: bool) -> Non
     plain = gptq_quantize(W, H, spec, GPTQSettings(act_order=act_order))
     mse = gptq_quantize(W, H, spec, GPTQSettings(act_order=act_order, clip="mse"))
     assert _out_err(W, mse.weight.dequantize(), X) < _out_err(W, plain.weight.dequantize(), X)
+
+
+@pytest.mark.parametrize("clip", ["minmax", "mse"])
+def test_jobs_sharing_a_hessian_quantized_together_equal_each_alone(clip: str) -> None:
+    """Stacked rows (the method's probes) give what each job gives alone: plain jobs,
+    masked ones on 4-bit or float16 high grids, two low grids, a whole-column mask."""
+    from lwq.quant.layer import LayerJob, quantize_layer, quantize_together
+
+    d_in = 96
+    X = _correlated_inputs(d_in, seed=3)
+    H = _hessian(X)
+    gen = torch.Generator().manual_seed(4)
+    Ws = [torch.randn(d, d_in, generator=gen) for d in (24, 40, 24)]
+    lo2, lo3, hi4, hi16 = GridSpec(2, 32), GridSpec(3, 32), GridSpec(4, 32), GridSpec(16, 32)
+    cols = torch.zeros(24, d_in, dtype=torch.bool)
+    cols[:, [3, 50, 77]] = True
+    jobs = [
+        LayerJob("a0", lo2),
+        LayerJob("a1", lo2, hi4, torch.rand(24, d_in, generator=gen) < 0.05),
+        LayerJob("b1", lo2, hi4, torch.rand(40, d_in, generator=gen) < 0.3),
+        LayerJob("b2", lo3, hi4, torch.rand(40, d_in, generator=gen) < 0.1),
+        LayerJob("b3", lo3),
+        LayerJob("c1", lo2, hi16, torch.rand(24, d_in, generator=gen) < 0.1),  # other hi grid
+        LayerJob("c2", lo2, hi4, cols, hi_last=True),
+    ]
+    weights = [Ws[0], Ws[0], Ws[1], Ws[1], Ws[1], Ws[2], Ws[2]]
+    settings = GPTQSettings(act_order=True, clip=clip)
+    together = quantize_together(weights, H, jobs, settings)
+    for W, job, got in zip(weights, jobs, together, strict=True):
+        alone = quantize_layer(W, H, job, settings).weight.dequantize()
+        assert got.shape == W.shape
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-5, msg=job.name)
