@@ -10,7 +10,14 @@ full-precision model is measured on held-out WikiText-2 windows (from the
 second half of wiki.test.raw; the perplexity protocol uses the first quarter).
 Prints Spearman(predicted, measured) per family and objective and saves JSON.
 
+With ``--bases 2,3`` (the method's default) an allocation gives every layer a
+base and a ratio: ``spread`` draws the share of layers on the wider base and
+the mean ratio over their ranges, and ``bits:B`` allocations all cost B bits
+per weight (random bases and ratios, the ratios scaled to meet B), so they
+differ only in where the bits go: the question the allocation answers.
+
     python benchmarks/real_fidelity.py --profile-samples 256 --profile-seq-len 128
+    python benchmarks/real_fidelity.py --bases 2,3 --levels spread bits:3.0
 """
 
 from __future__ import annotations
@@ -56,6 +63,48 @@ def kl_to(model: Any, windows: torch.Tensor, ref: list[torch.Tensor]) -> float:
     return total / n
 
 
+def mean_bits(costs: Any, ratios: np.ndarray, r_max: float) -> float:
+    """Bits per weight of layers ``costs`` at ``ratios`` (capped at ``r_max``)."""
+    r = np.minimum(r_max, ratios)
+    return sum(c.bits(float(x)) for c, x in zip(costs, r, strict=True)) / sum(c.n for c in costs)
+
+
+def allocations(state: Any, count: int, level: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``count`` random (bases, ratios) of ``level``: spread, a mean ratio (one base) or
+    ``bits:B`` (several bases: every allocation at B bits per weight), seeded."""
+    n, n_bases, r_max = len(state.names), state.n_families, state.profile.r_max
+    if n_bases == 1:
+        lv = None if level == "spread" else float(level)
+        return [(np.zeros(n, dtype=int), r) for r in random_allocations(n, count, r_max, 0, lv)]
+    rng = np.random.default_rng(0)
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    target = None if level == "spread" else float(level.removeprefix("bits:"))
+    while len(out) < count:
+        k = len(out)
+        spread = k / max(1, count - 1)
+        share = spread if target is None else rng.uniform(0.2, 0.8)
+        families = (rng.random(n) < share).astype(int) * (n_bases - 1)  # narrowest or widest
+        lv = r_max * (0.05 + 0.6 * spread) if target is None else 0.05
+        ratios = np.clip(lv * rng.lognormal(0.0, 0.8, n), 0.0, r_max)
+        if target is not None:
+            costs = state.options(families.tolist())[1]
+            lo, hi = 0.0, r_max / max(float(ratios.min()), 1e-6)
+            if (
+                not mean_bits(costs, ratios * lo, r_max)
+                <= target
+                <= mean_bits(costs, ratios * hi, r_max)
+            ):
+                continue  # these bases alone miss the target: draw again
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                below = mean_bits(costs, ratios * mid, r_max) <= target
+                lo, hi = (mid, hi) if below else (lo, mid)
+            ratios = np.minimum(r_max, ratios * lo)
+        out.append((families, ratios))
+    rng.shuffle(out)  # type: ignore[arg-type]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--profile", choices=["reverse", "forward"], default="reverse")
@@ -63,6 +112,11 @@ def main() -> None:
     ap.add_argument("--profile-seq-len", type=int, default=128)
     ap.add_argument("--n-allocs", type=int, default=24)
     ap.add_argument("--lo-bits", type=int, default=2, help="method.lo_bits of the allocations")
+    ap.add_argument(
+        "--bases",
+        help="method.bases, e.g. 2,3: each allocation gives every layer a base (instead of "
+        "--lo-bits); levels: spread or bits:B",
+    )
     ap.add_argument("--r-max", type=float, default=0.3, help="method.r_max of the allocations")
     ap.add_argument("--clip", choices=["minmax", "mse"], default="mse", help="gptq.clip")
     ap.add_argument("--levels", nargs="+", default=["spread", "0.1", "0.03"])
@@ -89,7 +143,11 @@ def main() -> None:
     torch.manual_seed(0)
     path = model_dir()
     budget = 3.0 if args.lo_bits == 2 else 3.5  # any budget the grids reach: not used here
-    method: dict[str, Any] = {"budget": budget, "lo_bits": args.lo_bits, "r_max": args.r_max}
+    method: dict[str, Any] = {"budget": budget, "r_max": args.r_max}
+    if args.bases:
+        method["bases"] = [int(b) for b in args.bases.split(",")]
+    else:
+        method["lo_bits"] = args.lo_bits
     if args.profile == "forward":
         method["profile"] = "forward"
     else:
@@ -118,7 +176,6 @@ def main() -> None:
     windows = heldout_windows(tok, args.windows)
     ref = reference_logprobs(fp, windows)
     profile = state.profile
-    chord = dataclasses.replace(profile, gamma=None)
     gptq = cfg.gptq.settings()
     results: dict[str, Any] = {"args": vars(args) | {"work": str(args.work), "json": ""}}
     results.update(prepare_seconds=prepare_s, stages=state.seconds, families=[])
@@ -131,28 +188,29 @@ def main() -> None:
         reused = {f["family"]: [r["kl"] for r in f["rows"]] for f in old["families"]}
     results["shrinkage"] = profile.probe.shrinkage if profile.probe else None
     for level in args.levels:
-        lv = None if level == "spread" else float(level)
         rows = []
-        allocs = random_allocations(len(state.names), args.n_allocs, profile.r_max, 0, lv)
-        for k, ratios in enumerate(allocs):
+        for k, (families, ratios) in enumerate(allocations(state, args.n_allocs, level)):
             t = time.perf_counter()
             if level in reused:
                 kl = reused[level][k]
             else:
-                for name, r in zip(state.names, ratios, strict=True):
-                    W = originals[name]
-                    job = state.job(name, float(r))
-                    q = quantize_layer(W, hessians.get(name), job, gptq).weight
+                for name, f, r in zip(state.names, families, ratios, strict=True):
+                    job = state.job(name, float(r), int(f))
+                    q = quantize_layer(originals[name], hessians.get(name), job, gptq).weight
                     adapter.write_weight(modules[name], q.dequantize())
                 kl = kl_to(model, windows, ref)
-            bits = sum(c.bits(float(r)) for c, r in zip(state.costs, ratios, strict=True))
+            prof, costs = state.options(families.tolist())
+            bits = sum(c.bits(float(r)) for c, r in zip(costs, ratios, strict=True))
             rows.append(
                 {
                     "mean_ratio": float(np.mean(ratios)),
-                    "bits": bits / sum(c.n for c in state.costs),
-                    "pred_full": profile.predicted_loss(ratios.tolist(), "full"),
-                    "pred_diagonal": profile.predicted_loss(ratios.tolist(), "diagonal"),
-                    "pred_chord": chord.predicted_loss(ratios.tolist(), "full"),
+                    "wider_bases": int(np.count_nonzero(families)),
+                    "bits": bits / sum(c.n for c in costs),
+                    "pred_full": prof.predicted_loss(ratios.tolist(), "full"),
+                    "pred_diagonal": prof.predicted_loss(ratios.tolist(), "diagonal"),
+                    "pred_chord": dataclasses.replace(prof, gamma=None).predicted_loss(
+                        ratios.tolist(), "full"
+                    ),
                     "kl": kl,
                 }
             )

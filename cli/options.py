@@ -59,6 +59,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any
             ("method.group_size" if method == "lwq" else "quant.group_size"): args.group_size,
             "quant.symmetric": True if getattr(args, "symmetric", False) else None,
             "gptq.act_order": args.act_order,
+            "gptq.true_sequential": args.true_sequential,
             "gptq.damp": args.damp,
             "gptq.clip": args.clip,
         },
@@ -155,6 +156,14 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         help="gptq.act_order: GPTQ's columns by decreasing Hessian diagonal, grids fitted "
         "up front (default on)",
     )
+    p.add_argument(
+        "--true-sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gptq.true_sequential: in sequential mode each group of layers reading one input "
+        "(q/k/v, o, gate/up, down) takes its Hessian after the groups before it are quantized "
+        "(default off)",
+    )
     p.add_argument("--damp", type=float, help="gptq.damp (default 0.01)")
     p.add_argument(
         "--clip",
@@ -172,14 +181,15 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument(
         "--lo-bits",
         type=int,
-        help="method.lo_bits of the other weights (default: from the budget, 3 from 3.25 "
-        "bits at group 128, else 2)",
+        help="method.lo_bits: one base width for the other weights of every layer "
+        "(default: each layer chooses 2 or 3 bits, see --bases)",
     )
     p.add_argument(
         "--bases",
         type=parse_widths,
-        help="method.bases, e.g. 2,3: each layer's base width is chosen from these together "
-        "with its ratio (instead of --lo-bits, one base for all)",
+        help="method.bases, the widths each layer's base is chosen from together with its "
+        "ratio (default 2,3; --lo-bits sets one base for all, as --objective fixed, "
+        "--profile forward and --ties need)",
     )
     p.add_argument(
         "--r-max",

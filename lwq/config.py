@@ -117,14 +117,23 @@ class GPTQConfig(_Strict):
         "instead of 63.1 WikiText-2 perplexity) or minmax",
     )
 
+    true_sequential: bool = Field(
+        False,
+        description="in sequential mode, each group of layers that read one input (q/k/v, "
+        "o, gate/up, down) takes its Hessian after the groups before it in its block are "
+        "quantized (one more partial block pass per group)",
+    )
+
     def settings(self) -> GPTQSettings:
         return GPTQSettings(
             self.block_size, self.damp, self.act_order, self.static_groups, self.clip
         )
 
 
-# The bases method.lo_bits chooses from when unset, and the bits per weight a
-# wider base must leave under the budget for high-impact weights.
+# The base widths every layer chooses from by default (method.bases unset), and,
+# where one base serves all layers (method.lo_bits unset but a setting that needs
+# one base), the bases it is chosen from and the bits per weight a wider base must
+# leave under the budget for high-impact weights.
 BASES = (2, 3)
 BASE_ROOM = 0.1
 
@@ -141,14 +150,16 @@ class MethodConfig(_Strict):
     budget: float = Field(2.5, gt=0, description="average bits per quantized weight, from bytes")
     lo_bits: int | None = Field(
         None,
-        description="bits of the bulk of the weights; unset: chosen from the budget (3 when "
-        f"it exceeds a uniform 3-bit grid's cost by {BASE_ROOM} bits or more, 3.25 at group "
-        "128, else 2; see docs/method.md)",
+        description="one base width for the bulk of every layer's weights; unset: each layer "
+        "chooses its own (method.bases), or, with a setting that needs one base "
+        "(objective=fixed, profile=forward, ties), the widest base whose uniform grid costs "
+        f"{BASE_ROOM} bits less than the budget (3 from 3.25 bits at group 128, else 2)",
     )
     bases: tuple[int, ...] | None = Field(
         None,
-        description="base widths each layer chooses from (e.g. [2, 3]): the allocation picks "
-        "every layer's base and its ratio together; unset: one base for all (method.lo_bits)",
+        description="base widths each layer chooses from: the allocation picks every layer's "
+        f"base and its ratio together; unset: {list(BASES)} unless method.lo_bits is set or "
+        "a setting needs one base (objective=fixed, profile=forward, ties)",
     )
     hi_bits: int = Field(
         4, description="bits of the high-impact weights (16: float16 values, dense-and-sparse)"
@@ -230,7 +241,7 @@ class MethodConfig(_Strict):
     def model_post_init(self, _context: Any) -> None:
         if self.curve == "power" and not self.r_mid < self.r_max:
             raise ValueError(f"method.r_mid={self.r_mid} must be below method.r_max={self.r_max}")
-        if self.lo_bits is None and self.hi_bits <= BASES[0]:
+        if self.lo_bits is None and self.bases is None and self.hi_bits <= BASES[0]:
             raise ValueError(
                 f"method.hi_bits={self.hi_bits} must exceed the {BASES[0]} bits of the "
                 "narrowest base (method.lo_bits unset)"
@@ -250,11 +261,7 @@ class MethodConfig(_Strict):
                     f"method.hi_bits={self.hi_bits} must exceed every width of "
                     f"method.bases={list(self.bases)}"
                 )
-            for setting, value, allowed in (
-                ("profile", self.profile, "reverse"),
-                ("objective", self.objective, "full or diagonal"),
-                ("ties", self.ties, "none"),
-            ):
+            for setting, value, allowed in self._one_base_settings():
                 if value not in allowed.split(" or "):
                     raise ValueError(
                         f"method.{setting}={value} does not apply with method.bases (each "
@@ -280,6 +287,29 @@ class MethodConfig(_Strict):
                 "method.hi_refine=lwc learns an integer grid's clipping; it does not apply to "
                 f"method.hi_bits={FLOAT_BITS} (float16 values)"
             )
+
+    def _one_base_settings(self) -> tuple[tuple[str, str, str], ...]:
+        """(setting, value, what several bases allow) of the settings that need one base."""
+        return (
+            ("profile", self.profile, "reverse"),
+            ("objective", self.objective, "full or diagonal"),
+            ("ties", self.ties, "none"),
+        )
+
+    def chosen_bases(self) -> tuple[int, ...] | None:
+        """The widths each layer chooses its base from, or None for one base for all.
+
+        ``method.bases``; unset, ``BASES`` (those below ``hi_bits``), unless
+        ``method.lo_bits`` is set or a setting needs one base. Measured on
+        SmolLM2-135M (docs/method.md): each layer's own base of 2 or 3 bits
+        cut the perplexity of one base by 25-29 % at 2.5 and 3.0 bits.
+        """
+        if self.bases is not None or self.lo_bits is not None:
+            return self.bases
+        if any(v not in ok.split(" or ") for _, v, ok in self._one_base_settings()):
+            return None
+        widths = tuple(b for b in BASES if b < self.hi_bits)
+        return widths if len(widths) > 1 else None
 
     def base_bits(self, budget: float | None = None) -> int:
         """``lo_bits``, or when unset the widest base that leaves room at ``budget``.
@@ -307,7 +337,7 @@ class MethodConfig(_Strict):
         with several budgets) must share the base; an unset ``lo_bits`` whose
         budgets fall on both sides of a base's threshold is an error.
         """
-        if self.lo_bits is not None or self.bases is not None:
+        if self.lo_bits is not None or self.chosen_bases() is not None:
             return self
         bases = {b: self.base_bits(b) for b in budgets}
         if len(set(bases.values())) > 1:
@@ -326,7 +356,7 @@ class MethodConfig(_Strict):
 
     def base_grids(self) -> tuple[GridSpec, ...]:
         """The low grids a layer may take: each of ``bases``, or the one base."""
-        widths = self.bases if self.bases is not None else (self.base_bits(),)
+        widths = self.chosen_bases() or (self.base_bits(),)
         return tuple(GridSpec(b, self.group_size) for b in widths)
 
     def lwc(self) -> LWCSettings | None:

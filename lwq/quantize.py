@@ -203,25 +203,36 @@ def quantize_model(
             if hessians is not None and mode != "parallel":
                 raise ValueError("stored Hessians are full-precision ones: parallel mode only")
             walk = None if hessians is not None else calib
+            # GPTQ's "true sequential" order within a block: each input group's
+            # Hessians taken after the groups before it are quantized.
+            true_sequential = (
+                config.gptq.true_sequential and mode == "sequential" and walk is not None
+            )
             steps = iter_block_stats(source, walk, mode, config.calib.batch_size, progress)
             for step in steps:
                 packed = []
-                for name, mod in step.layers.items():
-                    t = time.perf_counter()
-                    W = adapter.read_weight(mod)  # (d_out, d_in) float32
-                    H = hessians.get(name) if hessians is not None else step.hessians.get(name)
-                    res = quantize_layer(W, H, plan.job(name), gptq, lwc, plan.measure_error)
-                    adapter.write_weight(mod, res.weight.dequantize())  # later blocks see it
-                    packed.append(pack_layer(name, res.weight))
-                    layers.append(
-                        LayerReport(
-                            name,
-                            res.weight.shape,
-                            res.gptq_loss,
-                            res.output_error,
-                            time.perf_counter() - t,
+                for k, group in enumerate(step.input_groups()):  # in the block's order
+                    refresh = true_sequential and k > 0
+                    Hs = step.current_hessians(group) if refresh else step.hessians
+                    for name in group:
+                        mod = step.layers[name]
+                        t = time.perf_counter()
+                        W = adapter.read_weight(mod)  # (d_out, d_in) float32
+                        H = hessians.get(name) if hessians is not None else Hs.get(name)
+                        res = quantize_layer(W, H, plan.job(name), gptq, lwc, plan.measure_error)
+                        adapter.write_weight(mod, res.weight.dequantize())  # later layers see it
+                        packed.append(pack_layer(name, res.weight))
+                        layers.append(
+                            LayerReport(
+                                name,
+                                res.weight.shape,
+                                res.gptq_loss,
+                                res.output_error,
+                                time.perf_counter() - t,
+                            )
                         )
-                    )
+                order = list(step.layers)
+                packed.sort(key=lambda p: order.index(p.name))
                 writer.add_block(step.index, packed)
                 block_seconds.append(time.perf_counter() - tb)
                 tb = time.perf_counter()

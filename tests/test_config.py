@@ -120,12 +120,14 @@ def test_profile_settings_apply_to_their_estimator() -> None:
         (3.5, 128, 16, 3),
     ],
 )
-def test_an_unset_base_is_chosen_from_the_budget(
+def test_one_unset_base_is_chosen_from_the_budget(
     budget: float, group: int, hi: int, base: int
 ) -> None:
+    """Where a setting needs one base for all layers (here one fixed ratio)."""
     on = {"quant": {"method": "lwq"}}
-    m = make_config({**on, "method": {"budget": budget, "group_size": group, "hi_bits": hi}}).method
-    assert m.lo_bits is None
+    one = {"budget": budget, "group_size": group, "hi_bits": hi, "objective": "fixed"}
+    m = make_config({**on, "method": one}).method
+    assert m.lo_bits is None and m.chosen_bases() is None
     assert m.base_bits() == base
     assert m.grids()[0].bits == base
     assert m.for_budgets([budget]).lo_bits == base
@@ -133,8 +135,28 @@ def test_an_unset_base_is_chosen_from_the_budget(
     assert fixed.base_bits() == 2 and fixed.for_budgets([2.5, 3.5]) is fixed
 
 
+def test_every_layer_chooses_its_base_unless_one_base_is_asked_for() -> None:
+    on = {"quant": {"method": "lwq"}}
+    m = make_config({**on, "method": {"budget": 3.0}}).method
+    assert m.chosen_bases() == (2, 3)
+    assert [g.bits for g in m.base_grids()] == [2, 3]
+    assert m.for_budgets([2.5, 3.5]) is m  # every budget shares the two bases
+    for one in (
+        {"lo_bits": 3},
+        {"objective": "fixed"},
+        {"profile": "forward"},
+        {"ties": "inputs"},
+        {"hi_bits": 3},  # only a 2-bit base lies below 3-bit high-impact weights
+    ):
+        assert make_config({**on, "method": one}).method.chosen_bases() is None, one
+    assert make_config({**on, "method": {"bases": [2, 4], "hi_bits": 8}}).method.chosen_bases() == (
+        2,
+        4,
+    )
+
+
 def test_budgets_that_need_different_bases_share_no_profile() -> None:
-    m = make_config({}).method
+    m = make_config({"quant": {"method": "lwq"}, "method": {"objective": "fixed"}}).method
     assert m.for_budgets([2.25, 2.5, 3.0]).lo_bits == 2
     assert m.for_budgets([3.5, 4.0]).lo_bits == 3
     with pytest.raises(ConfigError, match=r"2\.5 -> 2 bits, 3\.5 -> 3 bits.*--lo-bits"):

@@ -73,6 +73,32 @@ def test_gptq_checkpoint_loads_and_predicts(mode: str, tmp_path: Path) -> None:
     assert 0 < float(diff) < 0.5  # quantized, but still the same model
 
 
+def test_true_sequential_takes_each_group_hessian_after_the_groups_before_it(
+    tmp_path: Path,
+) -> None:
+    """gptq.true_sequential: the first group of each block (q/k/v) is quantized as
+    without it, the later ones from Hessians of the partly quantized block; the
+    layers stay in the checkpoint's order and the setting is recorded."""
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    plain = quantize(_cfg(model_dir, tmp_path / "a", bits=3), progress=False)
+    cfg = _cfg(model_dir, tmp_path / "b", bits=3)
+    cfg = make_config({**cfg.model_dump(), "gptq": {"true_sequential": True}})
+    true_seq = quantize(cfg, progress=False)
+    assert [r.name for r in true_seq.layers] == [r.name for r in plain.layers]
+    first = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}
+    block0 = [r for r in true_seq.layers if r.name.startswith("model.layers.0.")]
+    for r, p in zip(true_seq.layers, plain.layers, strict=True):
+        if r in block0 and r.name.split(".", 3)[3] in first:
+            assert r.gptq_loss == pytest.approx(p.gptq_loss, rel=1e-6), r.name
+    assert any(
+        r.gptq_loss != pytest.approx(p.gptq_loss, rel=1e-3)
+        for r, p in zip(block0, plain.layers, strict=False)
+    )
+    manifest = read_manifest(true_seq.out)
+    assert manifest.quantization.settings["gptq"]["true_sequential"] is True
+    assert list(manifest.layers) == list(read_manifest(plain.out).layers)
+
+
 def test_existing_checkpoint_is_kept_unless_overwrite(tmp_path: Path) -> None:
     model_dir = save_tiny_model_dir("gpt2", tmp_path / "m")
     first = quantize(_cfg(model_dir, tmp_path / "q", method="rtn"), progress=False)

@@ -132,3 +132,32 @@ def test_layers_that_read_one_input_share_one_hessian() -> None:
     assert h["self_attn.q_proj"] is h["self_attn.k_proj"] is h["self_attn.v_proj"]
     assert h["self_attn.dense"] is not h["self_attn.q_proj"]
     assert h["mlp.fc1"] is not h["mlp.fc2"]
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_current_hessians_see_the_layers_already_changed(model_type: str) -> None:
+    """Each later input group's Hessian, taken again after the earlier groups of its block
+    changed (true sequential): unchanged weights give the first pass's Hessians, and
+    a changed earlier group moves them; the hooks are gone afterwards."""
+    model = tiny_model(model_type)
+    source = InMemoryCausalLM(model, adapter_for(model))
+    for step in iter_block_stats(source, _calib(), "sequential", batch_size=4, progress=False):
+        groups = step.input_groups()
+        assert sorted(n for g in groups for n in g) == sorted(step.layers)
+        for group in groups[1:]:
+            again = step.current_hessians(group)
+            for name in group:
+                torch.testing.assert_close(again[name], step.hessians[name])
+        with torch.no_grad():
+            for name in groups[0]:
+                w = step.layers[name].weight
+                w.mul_(0.5)
+        moved = [
+            name
+            for group in groups[1:]
+            for name, H in step.current_hessians(group).items()
+            if not torch.allclose(H, step.hessians[name])
+        ]
+        assert moved, "halving the first group's weights changed no later input"
+        assert not any(m._forward_pre_hooks for m in step.layers.values())
+        break

@@ -45,7 +45,8 @@ entries:
     assert lwq.config.calib.source == str(ZOO / "data" / "calibration.txt")
     assert lwq.config.pipeline.eval_data == str(ZOO / "data" / "validation.txt")
     assert lwq.config.calib.n_samples == 8 and lwq.config.method.r_max == 0.4
-    assert lwq.config.method.lo_bits == 2  # the base width is fixed for the budgets
+    m = lwq.config.method  # every layer chooses its base, whatever the budget
+    assert m.lo_bits is None and m.chosen_bases() == (2, 3)
     assert gptq.config.quant.method == "gptq" and gptq.config.calib.seq_len == 64
     assert gptq.config.calib.n_samples == 8
     assert gptq.config.pipeline.registry_name == "llama-uniform"

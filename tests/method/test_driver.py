@@ -125,19 +125,24 @@ def test_unreachable_budget_fails_before_any_work_and_names_the_setting(
     assert not (tmp_path / "q").exists()
     with pytest.raises(ConfigError, match="hi_bits"):
         _cfg(model_dir, tmp_path / "q", 2.5, lo_bits=4, hi_bits=4)
-    # An unset base is chosen per budget; budgets sharing one profile must share it.
+    # With one base for all (here one fixed ratio), an unset base is chosen per budget,
+    # and budgets sharing one profile must share it; each layer's own base (the
+    # default) serves every budget.
     from lwq.sweep import sweep
 
     monkeypatch.setattr("lwq.sweep.load_model_dir", no_work)
     with pytest.raises(ConfigError, match=r"2\.6 -> 2 bits, 3\.8 -> 3 bits"):
+        sweep(_cfg(model_dir, tmp_path / "q", 2.6, objective="fixed"), [2.6, 3.8], progress=False)
+    with pytest.raises(AssertionError, match="was loaded"):  # past every check
         sweep(_cfg(model_dir, tmp_path / "q", 2.6), [2.6, 3.8], progress=False)
     assert not (tmp_path / "q").exists()
 
 
-def test_the_base_follows_the_budget(tmp_path: Path) -> None:
-    """3.8 bits at group 32 leave room above a 3-bit grid (3.59 bits): 3/4-bit layers."""
+def test_one_base_follows_the_budget(tmp_path: Path) -> None:
+    """With one base for all (one fixed ratio), 3.8 bits at group 32 leave room above a
+    3-bit grid (3.59 bits): 3/4-bit layers."""
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
-    report = quantize(_cfg(model_dir, tmp_path / "q", 3.8), progress=False)
+    report = quantize(_cfg(model_dir, tmp_path / "q", 3.8, objective="fixed"), progress=False)
     assert {x.lo.bits for x in report.manifest.layers.values()} == {3}
     assert abs(report.manifest.bits.from_bytes - 3.8) <= 0.02
 
@@ -267,7 +272,8 @@ def test_layer_by_layer_checkpoint_equals_the_parallel_pass(
     from lwq.quantize import MethodPlan, assemble_checkpoint, plan_for, quantize_model
 
     model_dir = save_tiny_model_dir(family, tmp_path / "m")
-    cfg = _cfg(model_dir, tmp_path / "a", 2.7, **({} if bases is None else {"bases": bases}))
+    one_base = {"lo_bits": 2} if bases is None else {}  # [2, 3]: the default bases
+    cfg = _cfg(model_dir, tmp_path / "a", 2.7, **one_base)
     cfg = cfg.model_copy(update={"calib": cfg.calib.model_copy(update={"mode": "parallel"})})
     model, tok = load_model_dir(model_dir)
     adapter = adapter_for(model.config.model_type)
