@@ -150,8 +150,9 @@ def test_current_hessians_see_the_layers_already_changed(model_type: str) -> Non
                 torch.testing.assert_close(again[name], step.hessians[name])
         with torch.no_grad():
             for name in groups[0]:
-                w = step.layers[name].weight
-                w.mul_(0.5)
+                weight = step.layers[name].weight
+                assert isinstance(weight, torch.Tensor)
+                weight.mul_(0.5)
         moved = [
             name
             for group in groups[1:]
