@@ -47,9 +47,6 @@ HEAD_CHUNK = 64  # tokens whose (chunk, vocabulary) logits are formed at once
 # (about 1.2 MB per token for SmolLM2-135M at 128-token sequences); 256 keeps
 # the whole method under 2 GB for that model, larger passes are no faster.
 PASS_TOKENS = 256
-# Elements of the probes' rows dequantized at once in the directional derivatives
-# (4 MB of float32; measured on SmolLM2's layers: 25 % less time than whole probes).
-DOT_ELEMENTS = 1 << 20
 
 
 def profile_capacity(n_windows: int, window_len: int, seq_len: int) -> int:
@@ -118,23 +115,12 @@ class _LayerGradients:
         return hook
 
     def _directional(self, name: str, g: torch.Tensor) -> None:
-        x = self.inputs.pop(name).float()  # (B, T, d_in); the output gradient g: (B, T, d_out)
+        x = self.inputs.pop(name)  # (B, T, d_in); the layer's output gradient g: (B, T, d_out)
+        G = torch.bmm(g.float().transpose(1, 2), x.float())  # (B, d_out, d_in) per sequence
         assert self.D is not None
-        # The probes' errors, read for this layer only: int8 codes (levels, d_out, d_in).
-        deltas = self.deltas[name]
-        codes = torch.stack([d.codes for d in deltas]).to(x.device)
-        scales = torch.stack([d.scales for d in deltas]).to(x.device)
-        G = torch.bmm(g.float().transpose(1, 2), x)  # (B, d_out, d_in) per sequence
-        B, (L, d_out, d_in) = G.shape[0], codes.shape
-        D = torch.zeros(B, L, device=x.device)
-        # The probes dequantized a few rows at a time and dotted with the same rows of
-        # G while in cache: they never exist whole in float32 (memory traffic, not
-        # arithmetic, bounds this step).
-        rows = max(1, DOT_ELEMENTS // (L * d_in))
-        for r0 in range(0, d_out, rows):
-            r1 = min(d_out, r0 + rows)
-            dW = Delta.dense_rows(codes[:, r0:r1], scales[:, r0:r1])  # (L, rows, d_in)
-            D += G[:, r0:r1].reshape(B, -1) @ dW.reshape(L, -1).T
+        # The probes' errors, read for this layer only: (levels, d_out, d_in).
+        dW = torch.stack([d.dense() for d in self.deltas[name]]).to(G.device)
+        D = G.reshape(G.shape[0], -1) @ dW.reshape(dW.shape[0], -1).T  # (B, levels)
         self.D[:, self.column[name], :] = D.double()
 
 

@@ -76,18 +76,12 @@ class Delta:
 
     def dense(self) -> torch.Tensor:
         """The error as a float32 (d_out, d_in) matrix."""
-        return self.dense_rows(self.codes, self.scales)
-
-    @classmethod
-    def dense_rows(cls, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """Float32 errors from ``codes`` (..., d_in) and their ``scales`` (..., blocks):
-        any rows of one or several deltas (stacked on leading dimensions)."""
-        d_in = codes.shape[-1]
-        if d_in % cls.BLOCK == 0:  # the usual case: no padding to cut
-            blocks = codes.to(torch.float32).view(*codes.shape[:-1], -1, cls.BLOCK)
-            return (blocks * scales[..., None]).view(codes.shape)
-        scale = scales.repeat_interleave(cls.BLOCK, dim=-1)[..., :d_in]
-        return codes.to(torch.float32) * scale
+        d_out, d_in = self.codes.shape
+        if d_in % self.BLOCK == 0:  # the usual case: no padding to cut
+            blocks = self.codes.to(torch.float32).view(d_out, -1, self.BLOCK)
+            return (blocks * self.scales[:, :, None]).view(d_out, d_in)
+        scale = self.scales.repeat_interleave(self.BLOCK, dim=1)[:, :d_in]
+        return self.codes.to(torch.float32) * scale
 
 
 class DeltaStore(Mapping[str, Sequence[Delta]]):
