@@ -210,7 +210,7 @@ def quantize_model(
             )
             steps = iter_block_stats(source, walk, mode, config.calib.batch_size, progress)
             for step in steps:
-                packed = []
+                packed: dict[str, PackedLayer] = {}
                 for k, group in enumerate(step.input_groups()):  # in the block's order
                     refresh = true_sequential and k > 0
                     Hs = step.current_hessians(group) if refresh else step.hessians
@@ -221,7 +221,7 @@ def quantize_model(
                         H = hessians.get(name) if hessians is not None else Hs.get(name)
                         res = quantize_layer(W, H, plan.job(name), gptq, lwc, plan.measure_error)
                         adapter.write_weight(mod, res.weight.dequantize())  # later layers see it
-                        packed.append(pack_layer(name, res.weight))
+                        packed[name] = pack_layer(name, res.weight)
                         layers.append(
                             LayerReport(
                                 name,
@@ -231,9 +231,7 @@ def quantize_model(
                                 time.perf_counter() - t,
                             )
                         )
-                order = list(step.layers)
-                packed.sort(key=lambda p: order.index(p.name))
-                writer.add_block(step.index, packed)
+                writer.add_block(step.index, [packed[name] for name in step.layers])
                 block_seconds.append(time.perf_counter() - tb)
                 tb = time.perf_counter()
             names = {r.name for r in layers}

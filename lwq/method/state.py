@@ -55,7 +55,7 @@ from lwq.pack.layer import grid_from_meta, grid_meta
 from lwq.pack.manifest import AllocationReport, GridMeta, LayerAllocation, ProfileInfo
 from lwq.provenance import code_version
 from lwq.quant.grid import GridSpec
-from lwq.quant.layer import LayerJob, quantize_layer, quantize_together
+from lwq.quant.layer import LayerJob, quantize_together
 from lwq.stats import BlockStats, InMemoryCausalLM, iter_block_stats
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,8 @@ def prepare(
                 per_base.append(layer_cost(name, orders[name], shapes[name], lo, hi, m.structure))
         seconds["saliency"] += time.perf_counter() - t
         t = time.perf_counter()
-        for group in step.input_groups():  # the layers of one input share one pass per grid
+        groups = step.input_groups()
+        for group in groups:  # the layers of one input share one pass per grid
             jobs = [  # per layer, base-major: each base's probe levels in turn
                 (name, job_at_ratio(name, orders[name], shapes[name], r, lo, hi, m.structure))
                 for name in group
@@ -268,20 +269,15 @@ def prepare(
                 for r in levels
             ]
             H = step.hessians[group[0]]
-            if probe_gptq is None:
-                errors = [
-                    quantize_layer(weights[n], H, j, None).weight.dequantize() for n, j in jobs
-                ]
-            else:
-                errors = quantize_together(
-                    [weights[n] for n, _ in jobs], H, [j for _, j in jobs], probe_gptq
-                )
+            errors = quantize_together(
+                [weights[n] for n, _ in jobs], H, [j for _, j in jobs], probe_gptq
+            )
             per_layer = len(lo_grids) * len(levels)
             for i, name in enumerate(group):
                 part = errors[i * per_layer : (i + 1) * per_layer]
                 probes.put(name, [Delta.of(weights[name] - q) for q in part])
         seconds["probes"] += time.perf_counter() - t
-        shared_input += step.input_groups()
+        shared_input += groups
         if store is not None:
             store.put_block(step)
         t = time.perf_counter()

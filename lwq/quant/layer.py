@@ -114,7 +114,7 @@ def quantize_together(
     weights: Sequence[torch.Tensor],
     H: torch.Tensor,
     jobs: Sequence[LayerJob],
-    gptq: GPTQSettings,
+    gptq: GPTQSettings | None,
 ) -> list[torch.Tensor]:
     """The dequantized result of each ``jobs[k]`` on ``weights[k]``, all with input Hessian ``H``.
 
@@ -124,18 +124,20 @@ def quantize_together(
     factorization and one column loop instead of one per job, with the same
     result up to float rounding. A job without a mask takes an empty one. Jobs
     that cannot share a pass (whole-column masks, which set their own column
-    order) run alone.
+    order) run alone, as every job does without ``gptq`` (RTN).
     """
     assert len(weights) == len(jobs)
     out: list[torch.Tensor | None] = [None] * len(jobs)
     groups: dict[GridSpec, list[int]] = {}  # by low grid
     his: dict[GridSpec, GridSpec] = {}  # each group's high grid
     for k, job in enumerate(jobs):
-        if job.hi_last or (job.hi is not None and his.setdefault(job.lo, job.hi) != job.hi):
+        alone = gptq is None or job.hi_last
+        if alone or (job.hi is not None and his.setdefault(job.lo, job.hi) != job.hi):
             out[k] = quantize_layer(weights[k], H, job, gptq).weight.dequantize()
         else:
             groups.setdefault(job.lo, []).append(k)
     for lo, group in groups.items():
+        assert gptq is not None
         for members in _chunks(group, [weights[k].numel() for k in group]):
             _quantize_stack(weights, H, jobs, lo, his.get(lo), members, gptq, out)
     done = [t for t in out if t is not None]
