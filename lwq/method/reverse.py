@@ -119,7 +119,10 @@ class _LayerGradients:
         G = torch.bmm(g.float().transpose(1, 2), x.float())  # (B, d_out, d_in) per sequence
         assert self.D is not None
         # The probes' errors, read for this layer only: (levels, d_out, d_in).
-        dW = torch.stack([d.dense() for d in self.deltas[name]]).to(G.device)
+        deltas = self.deltas[name]
+        dW = torch.empty((len(deltas), *G.shape[1:]), dtype=torch.float32, device=G.device)
+        for d, out in zip(deltas, dW, strict=True):
+            d.dense(out=out)
         D = G.reshape(G.shape[0], -1) @ dW.reshape(dW.shape[0], -1).T  # (B, levels)
         self.D[:, self.column[name], :] = D.double()
 

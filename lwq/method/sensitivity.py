@@ -74,14 +74,20 @@ class Delta:
         codes = torch.round(blocks / scales[:, :, None]).to(torch.int8)
         return cls(codes.view(d_out, nb * cls.BLOCK)[:, :d_in].contiguous(), scales)
 
-    def dense(self) -> torch.Tensor:
-        """The error as a float32 (d_out, d_in) matrix."""
+    def dense(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The error as a float32 (d_out, d_in) matrix, written into ``out`` if given
+        (on ``out``'s device: the int8 codes travel, not the floats)."""
         d_out, d_in = self.codes.shape
+        device = self.codes.device if out is None else out.device
+        codes, scales = self.codes.to(device), self.scales.to(device)
+        if out is None:
+            out = torch.empty(d_out, d_in, dtype=torch.float32, device=device)
         if d_in % self.BLOCK == 0:  # the usual case: no padding to cut
-            blocks = self.codes.to(torch.float32).view(d_out, -1, self.BLOCK)
-            return (blocks * self.scales[:, :, None]).view(d_out, d_in)
-        scale = self.scales.repeat_interleave(self.BLOCK, dim=1)[:, :d_in]
-        return self.codes.to(torch.float32) * scale
+            blocks = (d_out, d_in // self.BLOCK, self.BLOCK)
+            torch.mul(codes.view(blocks), scales[:, :, None], out=out.view(blocks))
+        else:
+            torch.mul(codes, scales.repeat_interleave(self.BLOCK, dim=1)[:, :d_in], out=out)
+        return out
 
 
 class DeltaStore(Mapping[str, Sequence[Delta]]):
@@ -116,14 +122,12 @@ class DeltaStore(Mapping[str, Sequence[Delta]]):
         out = []
         with self.path.open("rb") as f:
             for codes_at, codes_shape, scales_at, scales_shape in self.index[name]:
-                f.seek(codes_at)
-                codes = torch.frombuffer(
-                    bytearray(f.read(codes_shape[0] * codes_shape[1])), dtype=torch.int8
-                ).view(codes_shape)
-                f.seek(scales_at)
-                scales = torch.frombuffer(
-                    bytearray(f.read(4 * scales_shape[0] * scales_shape[1])), dtype=torch.float32
-                ).view(scales_shape)
+                codes = torch.empty(codes_shape, dtype=torch.int8)
+                scales = torch.empty(scales_shape, dtype=torch.float32)
+                for at, t in ((codes_at, codes), (scales_at, scales)):
+                    f.seek(at)  # read straight into the tensor's memory: one copy
+                    if f.readinto(t.numpy().data.cast("B")) != t.numel() * t.element_size():
+                        raise OSError(f"{self.path}: the probes of {name} are cut short")
                 out.append(Delta(codes, scales))
         return out
 

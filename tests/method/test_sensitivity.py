@@ -111,6 +111,10 @@ def test_delta_storage_is_within_half_a_percent() -> None:
     dW = torch.randn(7, 150) * torch.logspace(-3, 0, 150)
     back = Delta.of(dW).dense()
     assert back.shape == dW.shape
+    into = torch.full_like(dW, float("nan"))
+    assert Delta.of(dW).dense(out=into) is into and torch.equal(into, back)
+    whole = torch.randn(5, 128)  # whole blocks: the other path
+    assert torch.equal(Delta.of(whole).dense(out=torch.empty(5, 128)), Delta.of(whole).dense())
     blocks = torch.nn.functional.pad(dW.abs(), (0, 42)).view(7, 3, 64).amax(dim=2)
     bound = blocks.repeat_interleave(64, dim=1)[:, :150] / 254 + 1e-12
     assert bool(((back - dW).abs() <= bound).all())
@@ -160,6 +164,10 @@ def test_probe_errors_round_trip_through_their_file(tmp_path: Path) -> None:
     assert list(store) == ["a", "b"] and len(store) == 2
     for got, want in zip([*store["a"], *store["b"]], [*a, *b], strict=True):
         assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    with store.path.open("r+b") as f:  # a file cut short is an error, not garbage
+        f.truncate(store.path.stat().st_size - 1)
+    with pytest.raises(OSError, match="probes of b are cut short"):
+        store["b"]
     store.close()
     assert not store.path.exists()
 
