@@ -90,6 +90,8 @@ def part_ratio(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.repeats):
         for method in ("gptq", "lwq"):
             bits = ["--bits", "3", "--group-size", "128"] if method == "gptq" else ["--bits", "3.0"]
+            if method == "lwq":
+                bits += args.lwq_flags
             out = args.work / f"ratio-{method}"
             cmd = lwq_cmd("quantize", "--model", str(args.model), "--method", method, *bits)
             cmd += [*calib_args(args.calib_path), "--out", str(out), "--overwrite", "-q"]
@@ -110,7 +112,13 @@ def part_ratio(args: argparse.Namespace) -> dict[str, Any]:
         f"\nlwq / gptq: {med['lwq'] / med['gptq']:.2f} (medians), per repeat "
         f"{', '.join(f'{r:.2f}' for r in ratios)} (median {median(ratios):.2f})"
     )
-    return {"runs": runs, "medians": med, "ratios": ratios, "peak_rss_mib": rss}
+    return {
+        "runs": runs,
+        "medians": med,
+        "ratios": ratios,
+        "peak_rss_mib": rss,
+        "lwq_flags": args.lwq_flags,
+    }
 
 
 def part_depth(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,6 +145,12 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["ratio", "depth"], choices=["ratio", "depth"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--depths", nargs="+", type=int, default=[8, 16, 30])
+    ap.add_argument(
+        "--lwq-flags",
+        type=str.split,
+        default=[],
+        help='more flags of the lwq command of part ratio, e.g. "--profile-samples 128"',
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/real-cost"))
     ap.add_argument("--cache", type=Path, default=Path("/tmp/lwq-bench/truncated"))
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "real_cost.json")
