@@ -224,7 +224,7 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         "--profile-samples",
         type=int,
         help="lwq: method.profile_samples, profile sequences cut from the calibration windows "
-        "(default 256)",
+        "(default 128)",
     )
     p.add_argument(
         "--profile-seq-len",

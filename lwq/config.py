@@ -207,7 +207,7 @@ class MethodConfig(_Strict):
         "depth x vocabulary, for small models)",
     )
     profile_samples: int = Field(
-        256, ge=8, description="profile sequences (reverse), cut from the calibration windows"
+        128, ge=8, description="profile sequences (reverse), cut from the calibration windows"
     )
     profile_seq_len: int = Field(128, ge=8, description="tokens per profile sequence (reverse)")
     sketch_dim: int = Field(

@@ -11,10 +11,12 @@ import torch
 from conftest import ZOO
 from tiny_models import save_tiny_model_dir
 
-from lwq.config import make_config
+from lwq.config import MethodConfig, make_config
 from lwq.errors import ConfigError, LwqError
 from lwq.pack.checkpoint import load_quantized
 from lwq.quantize import quantize
+
+REVERSE_ONLY = ("profile_samples", "profile_seq_len")
 
 
 def _cfg(model: Path, out: Path, budget: float, **method: Any) -> Any:
@@ -49,7 +51,8 @@ def test_budget_is_met_from_bytes_and_report_is_complete(
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
     method: dict[str, Any] = {"objective": objective, "profile": profile}
     if profile == "forward":
-        method.update(profile_samples=256, profile_seq_len=128, sketch_dim=16)  # defaults back
+        defaults = {k: MethodConfig.model_fields[k].default for k in REVERSE_ONLY}
+        method.update(defaults, sketch_dim=16)  # the reverse profile's settings back to defaults
     with caplog.at_level(logging.WARNING):
         report = quantize(_cfg(model_dir, tmp_path / "q", 2.7, **method), progress=False)
     if profile == "forward":
@@ -101,7 +104,8 @@ def test_a_self_calibration_too_small_for_the_profile_is_refused_before_it_is_ge
     args += ["lwq", "--calib", "self", "--n-samples", "8", "--seq-len", "128", "--bits", "2.7"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "method.profile_samples=256" in err and "hold 8" in err and "--n-samples" in err
+    samples = MethodConfig.model_fields["profile_samples"].default
+    assert f"method.profile_samples={samples}" in err and "hold 8" in err and "--n-samples" in err
     # Without --seq-len the windows are the model's context (64 tokens): none holds 128.
     assert main([*args[:-6], "--n-samples", "16", "--bits", "2.7"]) == 2
     assert "16 windows of 64 tokens (calib.seq_len) hold 0" in capsys.readouterr().err
