@@ -88,10 +88,10 @@ def bits_of(path: Path) -> float:
 def uniform_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
     for method in ("rtn", "gptq"):
         for bits, group in UNIFORM:
-            key = f"{method} W{bits} g{group}"
-            key += " act-order" if method == "gptq" and args.act_order else ""
+            setting = f"{method} W{bits} g{group}"  # what --uniform names
+            key = setting + (" act-order" if method == "gptq" and args.act_order else "")
             key += " mse" if method == "gptq" and args.clip == "mse" else ""
-            if key in done or (args.uniform and key not in args.uniform):
+            if key in done or (args.uniform and setting not in args.uniform):
                 continue
             out = args.work / key.replace(" ", "-")
             cmd = lwq_cmd("quantize", "--model", str(args.model), "--method", method)
