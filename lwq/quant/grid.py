@@ -104,10 +104,8 @@ def grid_params(
         """Each row's least error over the factors ``part``, with its scale and zero."""
         s, z = _params(part[:, None] * xmin, part[:, None] * xmax, spec)  # (k, d_out)
         s3, z3 = s[..., None], z[..., None]
-        # dequantize(quantize(w)) - w, weighted and squared, in one buffer: the same
-        # operations in the same order as those functions, without their temporaries
-        err = torch.div(w, s3).round_().add_(z3).clamp_(0, spec.maxq)
-        err.sub_(z3).mul_(s3).sub_(w).square_().mul_(wt)
+        # dequantize(quantize(w)) - w, weighted and squared, in the codes' own buffer
+        err = quantize(w, s3, z3, spec.maxq).sub_(z3).mul_(s3).sub_(w).square_().mul_(wt)
         e, k = err.sum(2).min(0)
         return e, s[k, rows], z[k, rows]
 
@@ -158,8 +156,9 @@ def _params(
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (same shape as w, float dtype) for broadcastable scale/zero."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    """Integer codes (same shape as w, float dtype) for broadcastable scale/zero: a new
+    tensor, transformed in place (one allocation)."""
+    return torch.div(w, scale).round_().add_(zero).clamp_(0, maxq)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
