@@ -50,6 +50,7 @@ from realmodel import (
     perplexity,
     quarter_ids,
     run_child,
+    stream_child,
     wikitext_ids,
 )
 
@@ -115,7 +116,12 @@ def uniform_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
 
 
 def lwq_child(spec: dict[str, Any]) -> None:
-    """One configuration: prepare once, then every budget and variant; JSON lines."""
+    """One configuration: prepare once, then every budget and variant; JSON lines.
+
+    Each row is evaluated (in a process of its own, so the row's peak RSS stays the
+    quantization's) and printed before the next one starts; rows named in
+    ``spec["done"]`` are skipped.
+    """
     import resource
 
     from lwq.config import make_config
@@ -156,15 +162,16 @@ def lwq_child(spec: dict[str, Any]) -> None:
     del model
     store = None if keep is None else HessianStore.open(keep)
     prepare_s = time.perf_counter() - t
-    print(json.dumps({"prepare": prepare_s, "stages": prep.state.seconds}), flush=True)
     state = prep.state
     chord = dataclasses.replace(state.profile, gamma=None)
-    for budget in spec["budgets"]:
-        for variant in spec["variants"]:
+    for variant in spec["variants"]:  # each variant at every budget before the next variant
+        for budget in spec["budgets"]:
             if variant == "fp16" and budget != spec["budgets"][0]:
                 continue  # one fixed ratio: one row whatever the budget
             if variant in ("fp16", "fixed") and len(widths) > 1:
                 continue  # one ratio for all layers needs one base
+            if row_name(variant, budget) in spec["done"]:
+                continue
             t = time.perf_counter()
             cfg = config(budget=budget)
             if variant == "fp16":
@@ -202,10 +209,17 @@ def lwq_child(spec: dict[str, Any]) -> None:
                         "predicted_kl": plan.alloc.predicted_loss,
                         "mean_ratio": sum(plan.alloc.ratios) / len(plan.alloc.ratios),
                         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "prepare_seconds": prepare_s,
+                        "stages": state.seconds,
+                        **eval_child(out, spec["full"]),
                     }
                 ),
                 flush=True,
             )
+
+
+def row_name(variant: str, budget: float) -> str:
+    return variant if variant == "fp16" else f"{variant} {budget}"
 
 
 def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
@@ -216,8 +230,8 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
         tag += " columns" if args.structure == "columns" else ""
         tag += " mse" if args.clip == "mse" else ""
         tag += (" act-order" if args.act_order else "") + f" {args.mode}"
-        variants = [v for v in args.variants if f"{tag} {v}" not in done]
-        if not variants:
+        names = [row_name(v, b) for v in args.variants for b in args.budgets]
+        if all(f"{tag} {name}" in done for name in names):
             continue
         spec = {
             "model": str(args.model),
@@ -230,29 +244,17 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             "act_order": args.act_order,
             "mode": args.mode,
             "budgets": args.budgets,
-            "variants": variants,
+            "variants": args.variants,
+            "done": [name for name in names if f"{tag} {name}" in done],
             "calib": str(args.calib_path),
             "clip": args.clip,
+            "full": args.full,
         }
-        run = run_child([sys.executable, __file__, "--lwq-child", json.dumps(spec)])
-        lines = [json.loads(x) for x in run.stdout.strip().splitlines() if x.startswith("{")]
-        prepare = lines[0]
-        for row in lines[1:]:
-            name = (
-                row["variant"] if row["variant"] == "fp16" else f"{row['variant']} {row['budget']}"
-            )
-            yield (
-                f"{tag} {name}",
-                {
-                    "family": "lwq",
-                    "config": tag,
-                    **row,
-                    "prepare_seconds": prepare["prepare"],
-                    "stages": prepare["stages"],
-                    "process_peak_rss_mib": run.peak_rss_mib,
-                    **eval_child(Path(row["out"]), args.full),
-                },
-            )
+        for line in stream_child([sys.executable, __file__, "--lwq-child", json.dumps(spec)]):
+            if line.startswith("{"):
+                row = json.loads(line)
+                name = row_name(row["variant"], row["budget"])
+                yield f"{tag} {name}", {"family": "lwq", "config": tag, **row}
 
 
 def peer_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
@@ -306,7 +308,7 @@ def print_table(rows: dict[str, Any]) -> None:
             secs_s = f"{r['prepare_seconds']:.0f} + {secs:.0f}"
         else:
             secs_s = f"{secs:.0f}"
-        rss = r.get("process_peak_rss_mib", r.get("peak_rss_mib", float("nan")))
+        rss = r.get("peak_rss_mib", float("nan"))
         print(
             f"| {key} | {r.get('bits', 16.0):.3f} | {fmt_ppl(r['ppl_quarter'])} | {full} "
             f"| {secs_s} | {rss:.0f} |"

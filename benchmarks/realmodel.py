@@ -121,6 +121,18 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> ChildResult:
     return ChildResult(seconds, usage.ru_maxrss / 1024, stdout)
 
 
+def stream_child(cmd: list[str]) -> Any:
+    """Run a command alone and yield its stdout lines as they come (its stderr goes to ours).
+
+    The rows a long child prints are saved as it goes, so a stop loses only the row under way.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+    assert proc.stdout is not None
+    yield from proc.stdout
+    if proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+
+
 def children_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 

@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -384,16 +386,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
-        return int(args.func(args, argv))
+        try:
+            args = build_parser().parse_args(argv)
+            logging.basicConfig(
+                level=logging.INFO if args.verbose else logging.WARNING,
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            )
+            return int(args.func(args, argv))
+        finally:
+            sys.stdout.flush()  # a closed pipe is met here, not at interpreter exit
     except LwqError as err:
         print(f"lwq: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (``lwq info CKPT | head``): stop quietly, as
+        # a shell tool does, and keep Python from reporting the same error when it flushes.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -78,3 +78,17 @@ def test_the_trigger_needs_its_secret_and_a_tracking_server(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
     err = _error(capsys, ["trigger", "setup", "--url", "http://127.0.0.1:1/hook"])
     assert "needs an MLflow tracking server" in err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lwq info CKPT | head -1``: the closed pipe ends the command with 141, no traceback."""
+    out = tmp_path / "rtn"
+    argv = ["quantize", "--model", str(tiny_llama), "--method", "rtn", "--bits", "4"]
+    assert main([*argv, "--group-size", "32", "--out", str(out), "-q"]) == 0
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    with open(write, "w", encoding="utf-8") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert main(["info", str(out)]) == 141
