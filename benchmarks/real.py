@@ -262,6 +262,8 @@ def peer_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
         return
     scripts = {"hqq": "hqq_quant.py", "llm-compressor": "llmcompressor_gptq.py"}
     for tool, settings in PEERS.items():
+        if tool not in args.peer_tools:
+            continue
         for bits, group in settings:
             key = f"{tool} W{bits} g{group}"
             key += " act-order" if tool == "llm-compressor" and args.act_order else ""
@@ -348,6 +350,13 @@ def main() -> None:
         "--clip", choices=["minmax", "mse"], default="mse", help="gptq.clip of our rows"
     )
     ap.add_argument("--peer-python", help="python of the peer venv (HQQ, llm-compressor)")
+    ap.add_argument(
+        "--peer-tools",
+        nargs="+",
+        choices=list(PEERS),
+        default=list(PEERS),
+        help="the peers to run (HQQ needs no calibration: its rows do not depend on --calib)",
+    )
     ap.add_argument("--full", action="store_true", help="also the whole WikiText-2 test set")
     add_calib_arg(ap)
     ap.add_argument("--work", type=Path, help="default /tmp/lwq-bench/real-CALIB")
