@@ -164,14 +164,8 @@ def lwq_child(spec: dict[str, Any]) -> None:
     prepare_s = time.perf_counter() - t
     state = prep.state
     chord = dataclasses.replace(state.profile, gamma=None)
-    for variant in spec["variants"]:  # each variant at every budget before the next variant
-        for budget in spec["budgets"]:
-            if variant == "fp16" and budget != spec["budgets"][0]:
-                continue  # one fixed ratio: one row whatever the budget
-            if variant in ("fp16", "fixed") and len(widths) > 1:
-                continue  # one ratio for all layers needs one base
-            if row_name(variant, budget) in spec["done"]:
-                continue
+    for variant, budget in planned_rows(spec["variants"], spec["budgets"], len(widths) == 1):
+        if row_name(variant, budget) not in spec["done"]:
             t = time.perf_counter()
             cfg = config(budget=budget)
             if variant == "fp16":
@@ -218,6 +212,17 @@ def lwq_child(spec: dict[str, Any]) -> None:
             )
 
 
+def planned_rows(variants: list[str], budgets: list[float], one_base: bool) -> Any:
+    """(variant, budget) of a configuration's rows: each variant at every budget in turn."""
+    for variant in variants:
+        for budget in budgets:
+            if variant == "fp16" and budget != budgets[0]:
+                continue  # one fixed ratio: one row whatever the budget
+            if variant in ("fp16", "fixed") and not one_base:
+                continue  # one ratio for all layers needs one base
+            yield variant, budget
+
+
 def row_name(variant: str, budget: float) -> str:
     return variant if variant == "fp16" else f"{variant} {budget}"
 
@@ -230,7 +235,8 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
         tag += " columns" if args.structure == "columns" else ""
         tag += " mse" if args.clip == "mse" else ""
         tag += (" act-order" if args.act_order else "") + f" {args.mode}"
-        names = [row_name(v, b) for v in args.variants for b in args.budgets]
+        one_base = "+" not in lo
+        names = [row_name(*vb) for vb in planned_rows(args.variants, args.budgets, one_base)]
         if all(f"{tag} {name}" in done for name in names):
             continue
         spec = {
