@@ -20,7 +20,8 @@ Rows:
               (``--peer-python``), at the uniform settings they accept
 
 Results are saved after every row (``--json``) and rows already there are
-skipped, so an interrupted run continues where it stopped.
+skipped, so an interrupted run continues where it stopped. ``--add-full ROW ...``
+adds the whole test set to saved rows whose checkpoints are still in ``--work``.
 
     python benchmarks/real.py --parts fp uniform lwq --peer-python /work/peers-venv/bin/python
 """
@@ -59,7 +60,7 @@ PEERS = {"hqq": UNIFORM, "llm-compressor": [(2, 32), (2, 64), (3, 64), (4, 64)]}
 FP16_RATIO = 0.0045
 
 
-def evaluate(path: Path, full: bool) -> dict[str, float]:
+def evaluate(path: Path, full: bool, quarter: bool = True) -> dict[str, float]:
     """Perplexities of a model directory or packed checkpoint (dequantised, float32)."""
     from lwq.models import load_model_dir
     from lwq.pack.checkpoint import MANIFEST, load_quantized
@@ -68,14 +69,15 @@ def evaluate(path: Path, full: bool) -> dict[str, float]:
         model, tok, _ = load_quantized(path)
     else:
         model, tok = load_model_dir(path)
-    out = {"ppl_quarter": perplexity(model, quarter_ids(tok))}
+    out = {"ppl_quarter": perplexity(model, quarter_ids(tok))} if quarter else {}
     if full:
         out["ppl_full"] = perplexity(model, wikitext_ids(tok))
     return out
 
 
-def eval_child(path: Path, full: bool) -> dict[str, float]:
+def eval_child(path: Path, full: bool, quarter: bool = True) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--eval-child", str(path)] + (["--full"] if full else [])
+    cmd += [] if quarter else ["--no-quarter"]
     res = run_child(cmd)
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
@@ -301,6 +303,31 @@ def peer_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             )
 
 
+def checkpoint_of(args: argparse.Namespace, key: str, row: dict[str, Any]) -> Path:
+    """Where a saved row's model is: the checkpoint its run wrote, or the model itself."""
+    if row.get("family") == "fp":
+        return Path(args.model)
+    if "out" in row:  # lwq rows record their checkpoint
+        return Path(row["out"])
+    if row.get("family") == "uniform":
+        return Path(args.work) / key.replace(" ", "-")
+    raise SystemExit(f"row {key!r} ({row.get('family')}) keeps no checkpoint: rerun it with --full")
+
+
+def add_full(args: argparse.Namespace, rows: dict[str, Any], save: Any) -> None:
+    """The whole test set for rows already saved, from the checkpoints they left in --work."""
+    missing = [key for key in args.add_full if key not in rows]
+    if missing:
+        raise SystemExit(f"--add-full: no saved rows {missing} in {args.json}")
+    paths = {key: checkpoint_of(args, key, rows[key]) for key in args.add_full}
+    gone = [str(p) for p in paths.values() if not p.is_dir()]
+    if gone:
+        raise SystemExit(f"--add-full: checkpoints no longer there: {gone}; rerun those rows")
+    for key, path in paths.items():
+        if "ppl_full" not in rows[key]:
+            save(key, {**rows[key], **eval_child(path, full=True, quarter=False)})
+
+
 def print_table(rows: dict[str, Any]) -> None:
     print(
         "\n| row | bits (bytes) | ppl WikiText-2 quarter | ppl full test | seconds | peak RSS MiB |"
@@ -367,11 +394,18 @@ def main() -> None:
     add_calib_arg(ap)
     ap.add_argument("--work", type=Path, help="default /tmp/lwq-bench/real-CALIB")
     ap.add_argument("--json", type=Path, help="default benchmarks/results/real_CALIB.json")
+    ap.add_argument(
+        "--add-full",
+        nargs="+",
+        metavar="ROW",
+        help="only add the whole test set to these saved rows (checkpoints still in --work)",
+    )
     ap.add_argument("--eval-child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--no-quarter", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--lwq-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.eval_child:
-        print(json.dumps(evaluate(args.eval_child, args.full)))
+        print(json.dumps(evaluate(args.eval_child, args.full, not args.no_quarter)))
         return
     if args.lwq_child:
         lwq_child(json.loads(args.lwq_child))
@@ -393,6 +427,10 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
         print(f"{key}: {json.dumps(row)[:300]}", flush=True)
 
+    if args.add_full:
+        add_full(args, rows, save)
+        print_table(rows)
+        return
     if "fp" in args.parts and "fp" not in rows:
         save("fp", {"family": "fp", "bits": 16.0, **eval_child(args.model, args.full)})
     parts = {"uniform": uniform_rows, "lwq": lwq_rows, "peers": peer_rows}

@@ -69,6 +69,19 @@ def mean_bits(costs: Any, ratios: np.ndarray, r_max: float) -> float:
     return sum(c.bits(float(x)) for c, x in zip(costs, r, strict=True)) / sum(c.n for c in costs)
 
 
+def bootstrap_spearman(pred: list[float], kls: list[float], n: int = 2000) -> list[float]:
+    """The 5th and 95th percentiles of Spearman over allocations drawn with replacement:
+    how far the figure of a few allocations can be trusted."""
+    rng = np.random.default_rng(0)
+    p, k = np.asarray(pred), np.asarray(kls)
+    stats = []
+    for _ in range(n):
+        i = rng.integers(0, len(p), len(p))
+        if len(np.unique(i)) > 3:
+            stats.append(float(spearmanr(p[i], k[i]).statistic))
+    return [float(v) for v in np.nanpercentile(stats, [5, 95])]
+
+
 def allocations(state: Any, count: int, level: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """``count`` random (bases, ratios) of ``level``: spread, a mean ratio (one base) or
     ``bits:B`` (several bases: every allocation at B bits per weight), seeded."""
@@ -125,7 +138,8 @@ def main() -> None:
         "--reuse-kl",
         type=Path,
         help="a previous result: its measured KLs (same allocations, seeded) are reused, only "
-        "the profile is computed again (to compare profile settings)",
+        "the profile is computed again (to compare profile settings); with a larger "
+        "--n-allocs only the allocations beyond the file's are measured",
     )
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/real-fidelity"))
     ap.add_argument(
@@ -182,17 +196,20 @@ def main() -> None:
     model = copy.deepcopy(fp)
     modules = dict(adapter.iter_layers(model))
     originals = {n: adapter.read_weight(modules[n]) for n in state.names}
-    reused = {}
+    reused: dict[str, list[dict[str, Any]]] = {}
     if args.reuse_kl:
         old = json.loads(args.reuse_kl.read_text())
-        reused = {f["family"]: [r["kl"] for r in f["rows"]] for f in old["families"]}
+        reused = {f["family"]: f["rows"] for f in old["families"]}
     results["shrinkage"] = profile.probe.shrinkage if profile.probe else None
     for level in args.levels:
         rows = []
         for k, (families, ratios) in enumerate(allocations(state, args.n_allocs, level)):
             t = time.perf_counter()
-            if level in reused:
-                kl = reused[level][k]
+            before = reused.get(level, [])
+            if k < len(before):  # the same seeded allocation: its KL is not measured again
+                if abs(before[k]["mean_ratio"] - float(np.mean(ratios))) > 1e-9:
+                    raise SystemExit(f"--reuse-kl: allocation {k} of {level} differs from the file")
+                kl = before[k]["kl"]
             else:
                 for name, f, r in zip(state.names, families, ratios, strict=True):
                     job = state.job(name, float(r), int(f))
@@ -225,14 +242,20 @@ def main() -> None:
             kls = [r["kl"] for r in rows]
             fam[f"spearman_{obj}"] = float(spearmanr(pred, kls).statistic)
             fam[f"pred_over_kl_{obj}"] = float(np.median(np.array(pred) / np.array(kls)))
+            fam[f"spearman_{obj}_90"] = bootstrap_spearman(pred, kls)
         results["families"].append(fam)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print("\n| allocations | n | Spearman full | diagonal | chord | predicted/measured (full) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| allocations | n | Spearman full | 90 % bootstrap | diagonal | chord "
+        "| predicted/measured (full) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for fam in results["families"]:
+        lo, hi = fam["spearman_full_90"]
         print(
             f"| {fam['family']} | {len(fam['rows'])} | {fam['spearman_full']:.3f} | "
+            f"{lo:.2f}-{hi:.2f} | "
             f"{fam['spearman_diagonal']:.3f} | {fam['spearman_chord']:.3f} | "
             f"{fam['pred_over_kl_full']:.2f} |"
         )
