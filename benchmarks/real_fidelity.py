@@ -196,20 +196,21 @@ def main() -> None:
     model = copy.deepcopy(fp)
     modules = dict(adapter.iter_layers(model))
     originals = {n: adapter.read_weight(modules[n]) for n in state.names}
-    reused: dict[str, list[dict[str, Any]]] = {}
-    if args.reuse_kl:
+    reused: dict[str, dict[tuple[int, float], float]] = {}
+    if args.reuse_kl:  # allocations are found by content: their order follows --n-allocs
         old = json.loads(args.reuse_kl.read_text())
-        reused = {f["family"]: f["rows"] for f in old["families"]}
+        reused = {
+            f["family"]: {(r["wider_bases"], round(r["mean_ratio"], 9)): r["kl"] for r in f["rows"]}
+            for f in old["families"]
+        }
     results["shrinkage"] = profile.probe.shrinkage if profile.probe else None
     for level in args.levels:
         rows = []
         for k, (families, ratios) in enumerate(allocations(state, args.n_allocs, level)):
             t = time.perf_counter()
-            before = reused.get(level, [])
-            if k < len(before):  # the same seeded allocation: its KL is not measured again
-                if abs(before[k]["mean_ratio"] - float(np.mean(ratios))) > 1e-9:
-                    raise SystemExit(f"--reuse-kl: allocation {k} of {level} differs from the file")
-                kl = before[k]["kl"]
+            key = (int(np.count_nonzero(families)), round(float(np.mean(ratios)), 9))
+            if key in reused.get(level, {}):  # the same seeded allocation: not measured again
+                kl = reused[level][key]
             else:
                 for name, f, r in zip(state.names, families, ratios, strict=True):
                     job = state.job(name, float(r), int(f))
