@@ -137,6 +137,8 @@ def lwq_child(spec: dict[str, Any]) -> None:
     method |= {"lo_bits": widths[0]} if len(widths) == 1 else {"bases": widths}
     if spec.get("r_max") is not None:
         method["r_max"] = spec["r_max"]
+    if spec.get("base_floor", "budget") != "budget":
+        method["base_floor"] = spec["base_floor"]
     if spec.get("structure", "weights") != "weights":
         method["structure"] = spec["structure"]
 
@@ -150,6 +152,7 @@ def lwq_child(spec: dict[str, Any]) -> None:
                     "n_samples": N_SAMPLES,
                     "seq_len": SEQ_LEN,
                     "mode": spec["mode"],
+                    "seed": spec.get("seed", 0),
                 },
                 "quant": {"method": "lwq"},
                 "gptq": {"act_order": bool(spec.get("act_order", False)), "clip": spec["clip"]},
@@ -235,8 +238,10 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
         r_max = float(rest[0]) if rest else None
         tag = f"lwq {lo}/{hi} g{group}" + (f" r{r_max:g}" if rest else "")
         tag += " columns" if args.structure == "columns" else ""
+        tag += f" floor-{args.base_floor}" if args.base_floor != "budget" and "+" in lo else ""
         tag += " mse" if args.clip == "mse" else ""
         tag += (" act-order" if args.act_order else "") + f" {args.mode}"
+        tag += f" seed{args.seed}" if args.seed else ""
         one_base = "+" not in lo
         names = [row_name(*vb) for vb in planned_rows(args.variants, args.budgets, one_base)]
         if all(f"{tag} {name}" in done for name in names):
@@ -249,6 +254,8 @@ def lwq_rows(args: argparse.Namespace, done: dict[str, Any]) -> Any:
             "group": int(group),
             "r_max": r_max,
             "structure": args.structure,
+            "base_floor": args.base_floor,
+            "seed": args.seed,
             "act_order": args.act_order,
             "mode": args.mode,
             "budgets": args.budgets,
@@ -365,6 +372,19 @@ def main() -> None:
         "--uniform",
         nargs="+",
         help='only these uniform rows, e.g. "gptq W3 g128" (default: all of them)',
+    )
+    ap.add_argument(
+        "--base-floor",
+        choices=["budget", "none"],
+        default="budget",
+        help="method.base_floor of the configurations with several bases (LO as 2+3)",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="calib.seed of the method rows: with a saved calibration set it draws the "
+        "profile's sequences and sampled labels only (repeats of a configuration)",
     )
     ap.add_argument("--mode", choices=["parallel", "sequential"], default="sequential")
     ap.add_argument(

@@ -48,6 +48,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Any
             "method.hi_bits": args.hi_bits,
             "method.lo_bits": args.lo_bits,
             "method.bases": args.bases,
+            "method.base_floor": args.base_floor,
             "method.r_max": args.r_max,
             "method.structure": args.structure,
             "method.scoring": args.scoring,
@@ -190,6 +191,13 @@ def add_quantize_args(p: argparse.ArgumentParser, command: str) -> None:
         help="method.bases, the widths each layer's base is chosen from together with its "
         "ratio (default 2,3; --lo-bits sets one base for all, as --objective fixed, "
         "--profile forward and --ties need)",
+    )
+    p.add_argument(
+        "--base-floor",
+        choices=["budget", "none"],
+        help="method.base_floor: budget (default) offers no base narrower than the widest "
+        "whose uniform grid fits the budget with 0.1 bits to spare (from 3.25 bits at group "
+        "128 every layer keeps 3 bits or more); none offers every base at every budget",
     )
     p.add_argument(
         "--r-max",

@@ -161,6 +161,12 @@ class MethodConfig(_Strict):
         f"base and its ratio together; unset: {list(BASES)} unless method.lo_bits is set or "
         "a setting needs one base (objective=fixed, profile=forward, ties)",
     )
+    base_floor: Literal["budget", "none"] = Field(
+        "budget",
+        description="with several bases: budget (a base narrower than the widest one whose "
+        f"uniform grid costs {BASE_ROOM} bits less than the budget is not offered: 3 bits "
+        "only from 3.25 bits at group 128) or none (every base at every budget)",
+    )
     hi_bits: int = Field(
         4, description="bits of the high-impact weights (16: float16 values, dense-and-sparse)"
     )
@@ -269,6 +275,11 @@ class MethodConfig(_Strict):
                         "(method.lo_bits)"
                     )
         changed = set(self.changed())
+        if "base_floor" in changed and self.chosen_bases() is None:
+            raise ValueError(
+                "method.base_floor applies to several bases only (method.bases, unset "
+                "method.lo_bits)"
+            )
         if self.profile == "forward":
             off = sorted(changed & {"profile_samples", "profile_seq_len"})
             if off:
@@ -310,6 +321,23 @@ class MethodConfig(_Strict):
             return None
         widths = tuple(b for b in BASES if b < self.hi_bits)
         return widths if len(widths) > 1 else None
+
+    def offered_bases(self, budget: float | None = None) -> tuple[int, ...] | None:
+        """The bases offered at ``budget``: ``chosen_bases()`` from the widest one whose
+        uniform grid leaves ``BASE_ROOM`` bits under the budget up (``base_floor=budget``),
+        or all of them (``none``); None for one base.
+
+        Measured on SmolLM2-135M (docs/method.md): at 3.5 bits, 2-bit layers paying
+        for more 4-bit weights elsewhere gave 29.49 where every layer on 3 bits gave 28.81,
+        although the profile predicted the mixed allocation lower.
+        """
+        widths = self.chosen_bases()
+        if widths is None or self.base_floor == "none":
+            return widths
+        b = self.budget if budget is None else budget
+        fits = [w for w in widths if b >= grid_bits(w, self.group_size) + BASE_ROOM]
+        floor = max(fits, default=widths[0])
+        return tuple(w for w in widths if w >= floor)
 
     def base_bits(self, budget: float | None = None) -> int:
         """``lo_bits``, or when unset the widest base that leaves room at ``budget``.

@@ -155,6 +155,35 @@ def test_every_layer_chooses_its_base_unless_one_base_is_asked_for() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("budget", "group", "floor", "offered"),
+    [
+        (2.5, 128, "budget", (2, 3)),
+        (3.2, 128, "budget", (2, 3)),  # a 3-bit grid (3.15 bits) leaves less than 0.1
+        (3.25, 128, "budget", (3,)),
+        (3.5, 128, "budget", (3,)),
+        (3.5, 32, "budget", (2, 3)),  # 3.59 bits at group 32: no room yet
+        (3.5, 128, "none", (2, 3)),
+    ],
+)
+def test_the_bases_offered_follow_the_budget(
+    budget: float, group: int, floor: str, offered: tuple[int, ...]
+) -> None:
+    on = {"quant": {"method": "lwq"}}
+    method = {"budget": budget, "group_size": group, "base_floor": floor}
+    m = make_config({**on, "method": method}).method
+    assert m.chosen_bases() == (2, 3)  # one profile serves every budget
+    assert m.offered_bases() == offered
+    wide = make_config({**on, "method": {"bases": [2, 3, 4], "hi_bits": 8, "budget": 4.5}}).method
+    assert wide.offered_bases() == (4,) and wide.offered_bases(3.5) == (3, 4)
+
+
+def test_a_base_floor_needs_several_bases() -> None:
+    on = {"quant": {"method": "lwq"}}
+    with pytest.raises(ConfigError, match=r"method\.base_floor applies to several bases"):
+        make_config({**on, "method": {"lo_bits": 2, "base_floor": "none"}})
+
+
 def test_budgets_that_need_different_bases_share_no_profile() -> None:
     m = make_config({"quant": {"method": "lwq"}, "method": {"objective": "fixed"}}).method
     assert m.for_budgets([2.25, 2.5, 3.0]).lo_bits == 2

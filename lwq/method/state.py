@@ -324,9 +324,12 @@ def _reserve(state: MethodState) -> float:
 
 def allocate(state: MethodState, config: LwqConfig, budget: float | None = None) -> Allocation:
     """The QP's allocation at ``budget``; with several bases, each layer's base is
-    chosen first (``choose_families``), then the QP sets the ratios on those bases."""
+    chosen first (``choose_families``) among those ``method.base_floor`` offers at the
+    budget, then the QP sets the ratios on those bases."""
     m = config.method
     b = m.budget if budget is None else budget
+    offered = m.offered_bases(b) if state.n_families > 1 else None
+    allowed = [f for f, w in enumerate(state.bases) if offered is None or w in offered]
 
     def solve(families: Sequence[int]) -> Allocation:
         profile, costs = state.options(families)
@@ -357,11 +360,22 @@ def allocate(state: MethodState, config: LwqConfig, budget: float | None = None)
         a = solved[families]
         return float("inf") if a is None else a.predicted_loss
 
-    for f in range(state.n_families):  # one base for all, where it reaches the budget
+    for f in allowed:  # one base for all, where it reaches the budget
         loss((f,) * n)
-    chosen = choose_families(
-        state.profile, state.costs, n, b, m.objective, _reserve(state), evaluate=loss
-    )
+    if len(allowed) == 1:
+        chosen: tuple[int, ...] = (allowed[0],) * n
+    else:  # the options of the offered bases, base-major as choose_families takes them
+        index = [f * n + i for f in allowed for i in range(n)]
+        picked = choose_families(
+            state.profile.subset(index),
+            [state.costs[j] for j in index],
+            n,
+            b,
+            m.objective,
+            _reserve(state),
+            evaluate=lambda fs: loss(tuple(allowed[f] for f in fs)),
+        )
+        chosen = tuple(allowed[f] for f in picked)
     if loss(chosen) == float("inf"):
         solve(chosen)  # raises the QP's own error: the budget no base reaches
     return min((a for a in solved.values() if a is not None), key=lambda a: a.predicted_loss)

@@ -172,6 +172,12 @@ def test_each_layer_takes_its_own_base(tmp_path: Path) -> None:
     one_base = solve_allocation(*state.options([0] * len(state.names)), 3.0)
     assert mixed.predicted_loss <= one_base.predicted_loss + 1e-12
     assert len(mixed.families) == len(state.names)
+    # from 3.69 bits (a 3-bit grid at group 32, 3.59 bits, and 0.1 to spare) no layer
+    # is offered 2 bits; offering every base can only lower the predicted loss
+    floor = allocate(state, cfg, 3.8)
+    assert floor.families == (1,) * len(state.names)
+    free = allocate(state, _cfg(model_dir, tmp_path / "q", 3.8, bases=[2, 3], base_floor="none"))
+    assert free.predicted_loss <= floor.predicted_loss + 1e-12
     plan = MethodPlan(state, mixed)
     m = quantize_model(model_dir, tmp_path / "q", plan, calib, cfg, False).manifest
     assert m.allocation is not None
