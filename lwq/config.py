@@ -334,10 +334,15 @@ class MethodConfig(_Strict):
         widths = self.chosen_bases()
         if widths is None or self.base_floor == "none":
             return widths
+        floor = self._widest_fitting(widths, budget)
+        return tuple(w for w in widths if w >= floor)
+
+    def _widest_fitting(self, widths: Sequence[int], budget: float | None) -> int:
+        """The widest of ``widths`` whose uniform grid costs ``BASE_ROOM`` bits less than
+        ``budget`` (default ``self.budget``), else the narrowest."""
         b = self.budget if budget is None else budget
         fits = [w for w in widths if b >= grid_bits(w, self.group_size) + BASE_ROOM]
-        floor = max(fits, default=widths[0])
-        return tuple(w for w in widths if w >= floor)
+        return max(fits, default=min(widths))
 
     def base_bits(self, budget: float | None = None) -> int:
         """``lo_bits``, or when unset the widest base that leaves room at ``budget``.
@@ -350,13 +355,7 @@ class MethodConfig(_Strict):
         """
         if self.lo_bits is not None:
             return self.lo_bits
-        b = self.budget if budget is None else budget
-        wider = [
-            lo
-            for lo in BASES[1:]
-            if lo < self.hi_bits and b >= grid_bits(lo, self.group_size) + BASE_ROOM
-        ]
-        return max(wider, default=BASES[0])
+        return self._widest_fitting([lo for lo in BASES if lo < self.hi_bits], budget)
 
     def for_budgets(self, budgets: Sequence[float]) -> MethodConfig:
         """This configuration with ``lo_bits`` fixed for every one of ``budgets``.
