@@ -137,7 +137,7 @@ def lwq_child(spec: dict[str, Any]) -> None:
     method |= {"lo_bits": widths[0]} if len(widths) == 1 else {"bases": widths}
     if spec.get("r_max") is not None:
         method["r_max"] = spec["r_max"]
-    if spec.get("base_floor", "budget") != "budget":
+    if len(widths) > 1 and spec.get("base_floor", "budget") != "budget":
         method["base_floor"] = spec["base_floor"]
     if spec.get("structure", "weights") != "weights":
         method["structure"] = spec["structure"]
