@@ -54,13 +54,30 @@ def reference_logprobs(model: Any, windows: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def kl_to(model: Any, windows: torch.Tensor, ref: list[torch.Tensor]) -> float:
-    total, n = 0.0, 0
+def kl_to(model: Any, windows: torch.Tensor, ref: list[torch.Tensor]) -> list[float]:
+    """The KL divergence per token from the reference, one figure per window (the windows
+    have one length, so their mean is the KL of them all)."""
+    out = []
     for w, lp in zip(windows, ref, strict=True):
         lq = torch.log_softmax(model(input_ids=w[None]).logits[0].float(), -1)
-        total += float((lp.exp() * (lp - lq)).sum())
-        n += lp.shape[0]
-    return total / n
+        out.append(float((lp.exp() * (lp - lq)).sum()) / lp.shape[0])
+    return out
+
+
+def measurement_reliability(rows: list[dict[str, Any]], preds: list[float]) -> dict[str, float]:
+    """How far the measured side limits the ranking, from the per-window KLs: Spearman
+    between the KLs on the even and on the odd windows (split half: two independent
+    measurements of the same allocations), and Spearman of the prediction against the KL
+    on the first 8 windows and on the first half, to set beside the one on all windows."""
+    kw = np.array([r["kl_windows"] for r in rows])
+    half = kw.shape[1] // 2
+    return {
+        "windows": int(kw.shape[1]),
+        "split_half": float(spearmanr(kw[:, 0::2].mean(1), kw[:, 1::2].mean(1)).statistic),
+        "first_8": float(spearmanr(preds, kw[:, :8].mean(1)).statistic),
+        "first_half": float(spearmanr(preds, kw[:, :half].mean(1)).statistic),
+        "second_half": float(spearmanr(preds, kw[:, half:].mean(1)).statistic),
+    }
 
 
 def mean_bits(costs: Any, ratios: np.ndarray, r_max: float) -> float:
@@ -80,6 +97,46 @@ def bootstrap_spearman(pred: list[float], kls: list[float], n: int = 2000) -> li
         if len(np.unique(i)) > 3:
             stats.append(float(spearmanr(p[i], k[i]).statistic))
     return [float(v) for v in np.nanpercentile(stats, [5, 95])]
+
+
+def compare(paths: list[Path]) -> None:
+    """Several results on the same allocations (``--reuse-kl``): each profile setting's
+    ranking of the measured KL, and how its predictions rank against the first file's
+    (two profiles of one setting and different seeds: how far the profile's own noise
+    limits the ranking)."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    print(
+        "\n| file | family | n | profile | seed | Spearman full | diagonal "
+        "| full vs the first file's | paired gain over the first (90 %) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for p, doc in zip(paths, docs, strict=True):
+        a = doc["args"]
+        for fam in doc["families"]:
+            first = next((f for f in docs[0]["families"] if f["family"] == fam["family"]), None)
+            if first is None:
+                continue
+            key = lambda r: (r["wider_bases"], round(r["mean_ratio"], 9))  # noqa: E731
+            ref = {key(r): r["pred_full"] for r in first["rows"]}
+            rows = [r for r in fam["rows"] if key(r) in ref]
+            pred = np.array([r["pred_full"] for r in rows])
+            pred0 = np.array([ref[key(r)] for r in rows])
+            kls = np.array([r["kl"] for r in rows])
+            rng = np.random.default_rng(0)
+            gains = []
+            for _ in range(2000):
+                i = rng.integers(0, len(rows), len(rows))
+                gains.append(
+                    spearmanr(pred[i], kls[i]).statistic - spearmanr(pred0[i], kls[i]).statistic
+                )
+            lo, hi = np.nanpercentile(gains, [5, 95])
+            print(
+                f"| {p.name} | {fam['family']} | {len(rows)} | "
+                f"{a['profile_samples']} x {a['profile_seq_len']} | {a.get('seed', 0)} | "
+                f"{spearmanr(pred, kls).statistic:.3f} | "
+                f"{spearmanr([r['pred_diagonal'] for r in rows], kls).statistic:.3f} | "
+                f"{spearmanr(pred, pred0).statistic:.3f} | {lo:+.2f} to {hi:+.2f} |"
+            )
 
 
 def allocations(state: Any, count: int, level: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -141,15 +198,32 @@ def main() -> None:
         "the profile is computed again (to compare profile settings); with a larger "
         "--n-allocs only the allocations beyond the file's are measured",
     )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="calib.seed: with the saved calibration set it draws only the profile's "
+        "sequences and labels (with --reuse-kl: how far the profile's own draw moves the "
+        "ranking)",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/lwq-bench/real-fidelity"))
     ap.add_argument(
         "--json", type=Path, default=REPO / "benchmarks" / "results" / "real_fidelity.json"
     )
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        help="only print a comparison of saved results on the same allocations (no run)",
+    )
     add_calib_arg(ap)
     args = ap.parse_args()
+    if args.compare:
+        compare(args.compare)
+        return
     from lwq.adapters import adapter_for
     from lwq.config import make_config
-    from lwq.method.state import HessianStore, prepare
+    from lwq.method.state import HessianStore, prepare, save_state
     from lwq.models import load_model_dir
     from lwq.quant.layer import quantize_layer
     from lwq.quantize import calibration_set
@@ -173,6 +247,7 @@ def main() -> None:
                 "source": str(calib_source(args.calib)),
                 "n_samples": N_SAMPLES,
                 "seq_len": SEQ_LEN,
+                "seed": args.seed,
             },
             "quant": {"method": "lwq"},
             "gptq": {"clip": args.clip},
@@ -186,6 +261,7 @@ def main() -> None:
     state = prepare(fp, adapter, calib, cfg, args.work / "hessians", progress=True)
     prepare_s = time.perf_counter() - t
     print(f"prepare {prepare_s:.0f} s {state.seconds}", flush=True)
+    save_state(state, args.work / f"state-seed{args.seed}")  # for other objectives, offline
     hessians = HessianStore.open(args.work / "hessians")
     windows = heldout_windows(tok, args.windows)
     ref = reference_logprobs(fp, windows)
@@ -196,27 +272,30 @@ def main() -> None:
     model = copy.deepcopy(fp)
     modules = dict(adapter.iter_layers(model))
     originals = {n: adapter.read_weight(modules[n]) for n in state.names}
-    reused: dict[str, dict[tuple[int, float], float]] = {}
+    reused: dict[str, dict[tuple[int, float], dict[str, Any]]] = {}
     if args.reuse_kl:  # allocations are found by content: their order follows --n-allocs
         old = json.loads(args.reuse_kl.read_text())
         reused = {
-            f["family"]: {(r["wider_bases"], round(r["mean_ratio"], 9)): r["kl"] for r in f["rows"]}
+            f["family"]: {(r["wider_bases"], round(r["mean_ratio"], 9)): r for r in f["rows"]}
             for f in old["families"]
         }
     results["shrinkage"] = profile.probe.shrinkage if profile.probe else None
     for level in args.levels:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for k, (families, ratios) in enumerate(allocations(state, args.n_allocs, level)):
             t = time.perf_counter()
             key = (int(np.count_nonzero(families)), round(float(np.mean(ratios)), 9))
+            per_window: list[float] = []
             if key in reused.get(level, {}):  # the same seeded allocation: not measured again
-                kl = reused[level][key]
+                kl = reused[level][key]["kl"]
+                per_window = reused[level][key].get("kl_windows", [])
             else:
                 for name, f, r in zip(state.names, families, ratios, strict=True):
                     job = state.job(name, float(r), int(f))
                     q = quantize_layer(originals[name], hessians.get(name), job, gptq).weight
                     adapter.write_weight(modules[name], q.dequantize())
-                kl = kl_to(model, windows, ref)
+                per_window = kl_to(model, windows, ref)
+                kl = float(np.mean(per_window))
             prof, costs = state.options(families.tolist())
             bits = sum(c.bits(float(r)) for c, r in zip(costs, ratios, strict=True))
             rows.append(
@@ -231,6 +310,7 @@ def main() -> None:
                     ),
                     "kl": kl,
                 }
+                | ({"kl_windows": per_window} if per_window else {})
             )
             print(
                 f"{level} {k}: bits {rows[-1]['bits']:.3f} kl {kl:.4f} "
@@ -244,6 +324,9 @@ def main() -> None:
             fam[f"spearman_{obj}"] = float(spearmanr(pred, kls).statistic)
             fam[f"pred_over_kl_{obj}"] = float(np.median(np.array(pred) / np.array(kls)))
             fam[f"spearman_{obj}_90"] = bootstrap_spearman(pred, kls)
+        if all(len(r.get("kl_windows", [])) >= 16 for r in rows):
+            fam["reliability"] = measurement_reliability(rows, [r["pred_full"] for r in rows])
+            print(f"{level}: measured side {fam['reliability']}", flush=True)
         results["families"].append(fam)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
