@@ -16,8 +16,16 @@ the mean ratio over their ranges, and ``bits:B`` allocations all cost B bits
 per weight (random bases and ratios, the ratios scaled to meet B), so they
 differ only in where the bits go: the question the allocation answers.
 
+With ``--windows 16`` or more the per-window KLs are kept and the measured side's
+reliability is printed (Spearman between the KLs on the even and the odd
+windows); ``--seed S --reuse-kl FILE`` predicts the same allocations by a profile
+of another draw, and ``--compare FILES`` sets saved results side by side.
+
     python benchmarks/real_fidelity.py --profile-samples 256 --profile-seq-len 128
     python benchmarks/real_fidelity.py --bases 2,3 --levels spread bits:3.0
+    python benchmarks/real_fidelity.py --bases 2,3 --levels bits:3.0 --n-allocs 32 \
+        --windows 32 --json benchmarks/results/real_fidelity_bits3_32w.json
+    python benchmarks/real_fidelity.py --compare benchmarks/results/real_fidelity_bits3_32w*.json
 """
 
 from __future__ import annotations
