@@ -72,6 +72,16 @@ def kl_to(model: Any, windows: torch.Tensor, ref: list[torch.Tensor]) -> list[fl
     return out
 
 
+def alloc_key(wider_bases: int, mean_ratio: float) -> tuple[int, float]:
+    """What finds a seeded allocation again in a saved result (its index follows
+    ``--n-allocs``): its number of layers on a wider base and its mean ratio."""
+    return int(wider_bases), round(float(mean_ratio), 9)
+
+
+def row_key(row: dict[str, Any]) -> tuple[int, float]:
+    return alloc_key(row["wider_bases"], row["mean_ratio"])
+
+
 def measurement_reliability(rows: list[dict[str, Any]], preds: list[float]) -> dict[str, float]:
     """How far the measured side limits the ranking, from the per-window KLs: Spearman
     between the KLs on the even and on the odd windows (split half: two independent
@@ -124,11 +134,10 @@ def compare(paths: list[Path]) -> None:
             first = next((f for f in docs[0]["families"] if f["family"] == fam["family"]), None)
             if first is None:
                 continue
-            key = lambda r: (r["wider_bases"], round(r["mean_ratio"], 9))  # noqa: E731
-            ref = {key(r): r["pred_full"] for r in first["rows"]}
-            rows = [r for r in fam["rows"] if key(r) in ref]
+            ref = {row_key(r): r["pred_full"] for r in first["rows"]}
+            rows = [r for r in fam["rows"] if row_key(r) in ref]
             pred = np.array([r["pred_full"] for r in rows])
-            pred0 = np.array([ref[key(r)] for r in rows])
+            pred0 = np.array([ref[row_key(r)] for r in rows])
             kls = np.array([r["kl"] for r in rows])
             rng = np.random.default_rng(0)
             gains = []
@@ -283,16 +292,13 @@ def main() -> None:
     reused: dict[str, dict[tuple[int, float], dict[str, Any]]] = {}
     if args.reuse_kl:  # allocations are found by content: their order follows --n-allocs
         old = json.loads(args.reuse_kl.read_text())
-        reused = {
-            f["family"]: {(r["wider_bases"], round(r["mean_ratio"], 9)): r for r in f["rows"]}
-            for f in old["families"]
-        }
+        reused = {f["family"]: {row_key(r): r for r in f["rows"]} for f in old["families"]}
     results["shrinkage"] = profile.probe.shrinkage if profile.probe else None
     for level in args.levels:
         rows: list[dict[str, Any]] = []
         for k, (families, ratios) in enumerate(allocations(state, args.n_allocs, level)):
             t = time.perf_counter()
-            key = (int(np.count_nonzero(families)), round(float(np.mean(ratios)), 9))
+            key = alloc_key(int(np.count_nonzero(families)), float(np.mean(ratios)))
             per_window: list[float] = []
             if key in reused.get(level, {}):  # the same seeded allocation: not measured again
                 kl = reused[level][key]["kl"]
