@@ -53,6 +53,7 @@ from realmodel import (
     calib_source,
     heldout_windows,
     model_dir,
+    second_quarter_windows,
 )
 
 
@@ -139,6 +140,7 @@ def compare(paths: list[Path]) -> None:
             pred = np.array([r["pred_full"] for r in rows])
             pred0 = np.array([ref[row_key(r)] for r in rows])
             kls = np.array([r["kl"] for r in rows])
+            text = " (WikiText)" if a.get("profile_text", "calib") == "wikitext" else ""
             rng = np.random.default_rng(0)
             gains = []
             for _ in range(2000):
@@ -149,7 +151,7 @@ def compare(paths: list[Path]) -> None:
             lo, hi = np.nanpercentile(gains, [5, 95])
             print(
                 f"| {p.name} | {fam['family']} | {len(rows)} | "
-                f"{a['profile_samples']} x {a['profile_seq_len']} | {a.get('seed', 0)} | "
+                f"{a['profile_samples']} x {a['profile_seq_len']}{text} | {a.get('seed', 0)} | "
                 f"{spearmanr(pred, kls).statistic:.3f} | "
                 f"{spearmanr([r['pred_diagonal'] for r in rows], kls).statistic:.3f} | "
                 f"{spearmanr(pred, pred0).statistic:.3f} | {lo:+.2f} to {hi:+.2f} |"
@@ -233,6 +235,29 @@ def main() -> None:
         nargs="+",
         help="only print a comparison of saved results on the same allocations (no run)",
     )
+    ap.add_argument(
+        "--profile-text",
+        choices=["calib", "wikitext"],
+        default="calib",
+        help="where the profile's sequences come from: the calibration set (the method's "
+        "way) or the second quarter of wiki.test.raw (disjoint from the perplexity quarter "
+        "and the held-out half), the Hessians and probes staying the calibration set's: "
+        "how far the text the profile sees decides its ranking of the KL on WikiText",
+    )
+    ap.add_argument(
+        "--qp",
+        type=float,
+        nargs="*",
+        default=[],
+        help="budgets at which the QP's own allocations (full and diagonal objective) are "
+        "also measured (parallel mode), to set beside the random ones of the same bits",
+    )
+    ap.add_argument(
+        "--load-state",
+        action="store_true",
+        help="take the method's state and Hessians an earlier run of the same settings "
+        "saved in --work (state-seedS) instead of preparing them again",
+    )
     add_calib_arg(ap)
     args = ap.parse_args()
     if args.compare:
@@ -240,7 +265,7 @@ def main() -> None:
         return
     from lwq.adapters import adapter_for
     from lwq.config import make_config
-    from lwq.method.state import HessianStore, prepare, save_state
+    from lwq.method.state import HessianStore, allocate, load_state, prepare, save_state
     from lwq.models import load_model_dir
     from lwq.quant.layer import quantize_layer
     from lwq.quantize import calibration_set
@@ -275,10 +300,15 @@ def main() -> None:
     adapter = adapter_for(fp)
     calib = calibration_set(cfg, tok, fp.config)
     t = time.perf_counter()
-    state = prepare(fp, adapter, calib, cfg, args.work / "hessians", progress=True)
+    saved = args.work / f"state-seed{args.seed}"
+    if args.load_state:  # what an earlier run of the same settings left in --work
+        state = load_state(saved)
+    else:
+        text = None if args.profile_text == "calib" else second_quarter_windows(tok, SEQ_LEN)
+        state = prepare(fp, adapter, calib, cfg, args.work / "hessians", True, text)
+        save_state(state, saved)  # for other objectives, offline, and --load-state
     prepare_s = time.perf_counter() - t
     print(f"prepare {prepare_s:.0f} s {state.seconds}", flush=True)
-    save_state(state, args.work / f"state-seed{args.seed}")  # for other objectives, offline
     hessians = HessianStore.open(args.work / "hessians")
     windows = heldout_windows(tok, args.windows)
     ref = reference_logprobs(fp, windows)
@@ -294,6 +324,40 @@ def main() -> None:
         old = json.loads(args.reuse_kl.read_text())
         reused = {f["family"]: {row_key(r): r for r in f["rows"]} for f in old["families"]}
     results["shrinkage"] = profile.probe.shrinkage if profile.probe else None
+
+    def measure(families: np.ndarray, ratios: np.ndarray) -> list[float]:
+        """Every layer quantized at its base and ratio (parallel mode, from the
+        full-precision Hessians): the KL on each held-out window."""
+        for name, f, r in zip(state.names, families, ratios, strict=True):
+            job = state.job(name, float(r), int(f))
+            q = quantize_layer(originals[name], hessians.get(name), job, gptq).weight
+            adapter.write_weight(modules[name], q.dequantize())
+        return kl_to(model, windows, ref)
+
+    results["qp"] = []
+    for budget in args.qp:  # the QP's own choices, measured like the random allocations
+        for objective in ("full", "diagonal"):
+            t = time.perf_counter()
+            m = cfg.method.model_copy(update={"objective": objective})
+            alloc = allocate(state, cfg.model_copy(update={"method": m}), budget)
+            families = np.array(alloc.families or (0,) * len(state.names), dtype=int)
+            ratios = np.array(alloc.ratios)
+            qp_windows = measure(families, ratios)
+            prof = state.options(families.tolist())[0]
+            results["qp"].append(
+                {
+                    "budget": budget,
+                    "objective": objective,
+                    "bits": alloc.bits,
+                    "mean_ratio": float(ratios.mean()),
+                    "wider_bases": int(np.count_nonzero(families)),
+                    "pred_full": prof.predicted_loss(ratios.tolist(), "full"),
+                    "pred_diagonal": prof.predicted_loss(ratios.tolist(), "diagonal"),
+                    "kl": float(np.mean(qp_windows)),
+                    "kl_windows": qp_windows,
+                }
+            )
+            print(f"qp {budget} {objective}: {results['qp'][-1]} ({time.perf_counter() - t:.0f} s)")
     for level in args.levels:
         rows: list[dict[str, Any]] = []
         for k, (families, ratios) in enumerate(allocations(state, args.n_allocs, level)):
@@ -304,11 +368,7 @@ def main() -> None:
                 kl = reused[level][key]["kl"]
                 per_window = reused[level][key].get("kl_windows", [])
             else:
-                for name, f, r in zip(state.names, families, ratios, strict=True):
-                    job = state.job(name, float(r), int(f))
-                    q = quantize_layer(originals[name], hessians.get(name), job, gptq).weight
-                    adapter.write_weight(modules[name], q.dequantize())
-                per_window = kl_to(model, windows, ref)
+                per_window = measure(families, ratios)
                 kl = float(np.mean(per_window))
             prof, costs = state.options(families.tolist())
             bits = sum(c.bits(float(r)) for c, r in zip(costs, ratios, strict=True))
@@ -357,6 +417,16 @@ def main() -> None:
             f"{fam['spearman_diagonal']:.3f} | {fam['spearman_chord']:.3f} | "
             f"{fam['pred_over_kl_full']:.2f} |"
         )
+    for q in results["qp"]:  # where the QP's choice sits among the random allocations
+        kls = [r["kl"] for f in results["families"] for r in f["rows"]]
+        preds = [r["pred_full"] for f in results["families"] for r in f["rows"]]
+        print(
+            f"QP ({q['objective']}) at {q['budget']} bits: {q['bits']:.4f} bits, KL "
+            f"{q['kl']:.4f} (predicted {q['pred_full']:.4f}); random allocations with a lower "
+            f"KL: {sum(k < q['kl'] for k in kls)} of {len(kls)} (best {min(kls, default=0):.4f}), "
+            f"with a lower prediction: {sum(p < q['pred_full'] for p in preds)}"
+        )
+    args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

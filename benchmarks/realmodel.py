@@ -29,6 +29,7 @@ ZOO = REPO / "zoo"
 DOCS_CALIB = ZOO / "data" / "calibration.txt"
 N_SAMPLES, SEQ_LEN = 64, 512
 SELF_CALIB = Path("/tmp/lwq-bench") / f"calib-self-{N_SAMPLES}x{SEQ_LEN}.safetensors"
+WIKI_CALIB = Path("/tmp/lwq-bench") / "wikitext-second-quarter.txt"
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 MODEL = "smollm2-135m"
 WINDOW = 2048
@@ -42,9 +43,16 @@ def model_dir() -> Path:
 
 
 def calib_source(kind: str) -> Path:
-    """The calibration source of ``kind``: ``self`` (generated once, then reused) or ``docs``."""
+    """The calibration source of ``kind``: ``self`` (generated once, then reused), ``docs``
+    or ``wikitext`` (the second quarter of wiki.test.raw, as a text file)."""
     if kind == "docs":
         return DOCS_CALIB
+    if kind == "wikitext":
+        if not WIKITEXT.is_file():
+            raise SystemExit(f"WikiText-2 not found at {WIKITEXT} (../shared is absent)")
+        WIKI_CALIB.parent.mkdir(parents=True, exist_ok=True)
+        WIKI_CALIB.write_text(second_quarter(), encoding="utf-8")
+        return WIKI_CALIB
     if not SELF_CALIB.is_file():
         SELF_CALIB.parent.mkdir(parents=True, exist_ok=True)
         cmd = lwq_cmd("calibrate", "--model", MODEL, "--calib", "self", "--out", str(SELF_CALIB))
@@ -60,9 +68,11 @@ def calib_args(source: Path) -> list[str]:
 def add_calib_arg(ap: Any) -> None:
     ap.add_argument(
         "--calib",
-        choices=["self", "docs"],
+        choices=["self", "docs", "wikitext"],
         default="self",
-        help="calibration of every row: the model's own text (default) or the Python docs",
+        help="calibration of every row: the model's own text (default), the Python docs, or "
+        "WikiText (the second quarter of wiki.test.raw: disjoint from the perplexity quarter "
+        "and the held-out half)",
     )
 
 
@@ -78,6 +88,19 @@ def quarter_ids(tok: Any) -> torch.Tensor:
     text = WIKITEXT.read_text(encoding="utf-8")
     ids = tok(text[: len(text) // 4], add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids[: QUARTER_WINDOWS * WINDOW])
+
+
+def second_quarter() -> str:
+    text = WIKITEXT.read_text(encoding="utf-8")
+    return text[len(text) // 4 : len(text) // 2]
+
+
+def second_quarter_windows(tok: Any, seq_len: int) -> torch.Tensor:
+    """The second quarter of wiki.test.raw in windows of ``seq_len`` tokens: WikiText
+    text that neither the perplexity quarter nor the held-out half holds."""
+    ids = torch.tensor(tok(second_quarter(), add_special_tokens=False, verbose=False)["input_ids"])
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
 
 
 def heldout_windows(tok: Any, n: int, seq_len: int = 512) -> torch.Tensor:

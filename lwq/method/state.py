@@ -205,20 +205,25 @@ def prepare(
     config: LwqConfig,
     hessians: Path | None = None,
     progress: bool = True,
+    profile_text: torch.Tensor | None = None,
 ) -> MethodState:
     """Saliency rankings, cost curves and the sensitivity profile of ``model``.
 
     With ``hessians`` the input Hessians are written there (``HessianStore``)
     block by block; without, each is dropped once its block's layers are scored
-    and probed.
+    and probed. The reverse profile's sequences are cut from the calibration
+    set, or with ``profile_text`` (windows (n, T) of other text) from that, the
+    Hessians staying the calibration set's: how far the profile's text decides
+    its ranking (``benchmarks/real_fidelity.py --profile-text``).
     """
     m = config.method
     lo_grids, hi = m.base_grids(), m.grids()[1]
     n_layers = len(adapter.layer_names(model))
     profile_ids = None
     if m.profile == "reverse":  # checked before any work: the set must hold the profile
+        source_ids = calib.input_ids if profile_text is None else profile_text
         profile_ids = profile_windows(
-            calib.input_ids, m.profile_samples, m.profile_seq_len, config.calib.seed
+            source_ids, m.profile_samples, m.profile_seq_len, config.calib.seed
         )
     elif calib.n_samples < MIN_PROFILE_SEQUENCES:
         log.warning(

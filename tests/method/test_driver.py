@@ -373,3 +373,30 @@ def test_largest_layers_are_quantized_first() -> None:
     state: Any = SimpleNamespace(names=[str(i) for i in range(5)], costs=costs * 2)  # 2 bases
     # The wide-input layer (a down projection) costs most, ties keep model order.
     assert largest_first(state) == [2, 1, 0, 4, 3]
+
+
+def test_the_profile_reads_other_text_when_given_and_keeps_the_hessians(tmp_path: Path) -> None:
+    from lwq.adapters import adapter_for
+    from lwq.method.state import prepare
+    from lwq.models import load_model_dir
+    from lwq.quantize import calibration_set
+
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    cfg = _cfg(model_dir, tmp_path / "q", 2.7)
+    model, tok = load_model_dir(model_dir)
+    adapter = adapter_for(model)
+    calib = calibration_set(cfg, tok, model.config)
+
+    def profile_of(text: torch.Tensor | None) -> Any:
+        return prepare(model, adapter, calib, cfg, progress=False, profile_text=text)
+
+    own = profile_of(None)
+    same = profile_of(calib.input_ids.clone())
+    other = profile_of(torch.randint(0, model.config.vocab_size, (6, 48)))
+    assert torch.equal(own.profile.AtA, same.profile.AtA)
+    assert not torch.allclose(own.profile.AtA, other.profile.AtA)
+    assert own.profile.probe is not None and other.profile.probe is not None
+    assert own.profile.n_tokens == other.profile.n_tokens == 8 * 16
+    # The probes and costs come from the calibration set's Hessians either way:
+    assert [c.bits(0.1) for c in own.costs] == [c.bits(0.1) for c in other.costs]
+    assert all(torch.equal(own.orders[n], other.orders[n]) for n in own.names)
