@@ -391,9 +391,7 @@ def test_the_profile_reads_other_text_when_given_and_keeps_the_hessians(tmp_path
         return prepare(model, adapter, calib, cfg, progress=False, profile_text=text)
 
     own = profile_of(None)
-    same = profile_of(calib.input_ids.clone())
     other = profile_of(torch.randint(0, model.config.vocab_size, (6, 48)))
-    assert torch.equal(own.profile.AtA, same.profile.AtA)
     assert not torch.allclose(own.profile.AtA, other.profile.AtA)
     assert own.profile.probe is not None and other.profile.probe is not None
     assert own.profile.n_tokens == other.profile.n_tokens == 8 * 16
