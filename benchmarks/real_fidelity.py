@@ -83,6 +83,21 @@ def row_key(row: dict[str, Any]) -> tuple[int, float]:
     return alloc_key(row["wider_bases"], row["mean_ratio"])
 
 
+def described(
+    state: Any, families: np.ndarray, ratios: np.ndarray, kl: float, per_window: list[float]
+) -> dict[str, Any]:
+    """What a result row says of an allocation (bases ``families``, ``ratios``) whose
+    KL was measured: its shape, the profile's predictions, the KL (per window if kept)."""
+    prof = state.options(families.tolist())[0]
+    return {
+        "mean_ratio": float(np.mean(ratios)),
+        "wider_bases": int(np.count_nonzero(families)),
+        "pred_full": prof.predicted_loss(ratios.tolist(), "full"),
+        "pred_diagonal": prof.predicted_loss(ratios.tolist(), "diagonal"),
+        "kl": kl,
+    } | ({"kl_windows": per_window} if per_window else {})
+
+
 def measurement_reliability(rows: list[dict[str, Any]], preds: list[float]) -> dict[str, float]:
     """How far the measured side limits the ranking, from the per-window KLs: Spearman
     between the KLs on the even and on the odd windows (split half: two independent
@@ -325,6 +340,10 @@ def main() -> None:
         reused = {f["family"]: {row_key(r): r for r in f["rows"]} for f in old["families"]}
     results["shrinkage"] = profile.probe.shrinkage if profile.probe else None
 
+    def save() -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
     def measure(families: np.ndarray, ratios: np.ndarray) -> list[float]:
         """Every layer quantized at its base and ratio (parallel mode, from the
         full-precision Hessians): the KL on each held-out window."""
@@ -343,21 +362,13 @@ def main() -> None:
             families = np.array(alloc.families or (0,) * len(state.names), dtype=int)
             ratios = np.array(alloc.ratios)
             qp_windows = measure(families, ratios)
-            prof = state.options(families.tolist())[0]
             results["qp"].append(
-                {
-                    "budget": budget,
-                    "objective": objective,
-                    "bits": alloc.bits,
-                    "mean_ratio": float(ratios.mean()),
-                    "wider_bases": int(np.count_nonzero(families)),
-                    "pred_full": prof.predicted_loss(ratios.tolist(), "full"),
-                    "pred_diagonal": prof.predicted_loss(ratios.tolist(), "diagonal"),
-                    "kl": float(np.mean(qp_windows)),
-                    "kl_windows": qp_windows,
-                }
+                {"budget": budget, "objective": objective, "bits": alloc.bits}
+                | described(state, families, ratios, float(np.mean(qp_windows)), qp_windows)
             )
             print(f"qp {budget} {objective}: {results['qp'][-1]} ({time.perf_counter() - t:.0f} s)")
+    if args.qp:
+        save()
     for level in args.levels:
         rows: list[dict[str, Any]] = []
         for k, (families, ratios) in enumerate(allocations(state, args.n_allocs, level)):
@@ -372,19 +383,10 @@ def main() -> None:
                 kl = float(np.mean(per_window))
             prof, costs = state.options(families.tolist())
             bits = sum(c.bits(float(r)) for c, r in zip(costs, ratios, strict=True))
+            chord = dataclasses.replace(prof, gamma=None).predicted_loss(ratios.tolist(), "full")
             rows.append(
-                {
-                    "mean_ratio": float(np.mean(ratios)),
-                    "wider_bases": int(np.count_nonzero(families)),
-                    "bits": bits / sum(c.n for c in costs),
-                    "pred_full": prof.predicted_loss(ratios.tolist(), "full"),
-                    "pred_diagonal": prof.predicted_loss(ratios.tolist(), "diagonal"),
-                    "pred_chord": dataclasses.replace(prof, gamma=None).predicted_loss(
-                        ratios.tolist(), "full"
-                    ),
-                    "kl": kl,
-                }
-                | ({"kl_windows": per_window} if per_window else {})
+                {"bits": bits / sum(c.n for c in costs), "pred_chord": chord}
+                | described(state, families, ratios, kl, per_window)
             )
             print(
                 f"{level} {k}: bits {rows[-1]['bits']:.3f} kl {kl:.4f} "
@@ -402,8 +404,7 @@ def main() -> None:
             fam["reliability"] = measurement_reliability(rows, [r["pred_full"] for r in rows])
             print(f"{level}: measured side {fam['reliability']}", flush=True)
         results["families"].append(fam)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        save()
     print(
         "\n| allocations | n | Spearman full | 90 % bootstrap | diagonal | chord "
         "| predicted/measured (full) |"
@@ -417,16 +418,15 @@ def main() -> None:
             f"{fam['spearman_diagonal']:.3f} | {fam['spearman_chord']:.3f} | "
             f"{fam['pred_over_kl_full']:.2f} |"
         )
+    kls = [r["kl"] for f in results["families"] for r in f["rows"]]
+    preds = [r["pred_full"] for f in results["families"] for r in f["rows"]]
     for q in results["qp"]:  # where the QP's choice sits among the random allocations
-        kls = [r["kl"] for f in results["families"] for r in f["rows"]]
-        preds = [r["pred_full"] for f in results["families"] for r in f["rows"]]
         print(
             f"QP ({q['objective']}) at {q['budget']} bits: {q['bits']:.4f} bits, KL "
             f"{q['kl']:.4f} (predicted {q['pred_full']:.4f}); random allocations with a lower "
             f"KL: {sum(k < q['kl'] for k in kls)} of {len(kls)} (best {min(kls, default=0):.4f}), "
             f"with a lower prediction: {sum(p < q['pred_full'] for p in preds)}"
         )
-    args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

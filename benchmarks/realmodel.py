@@ -48,10 +48,9 @@ def calib_source(kind: str) -> Path:
     if kind == "docs":
         return DOCS_CALIB
     if kind == "wikitext":
-        if not WIKITEXT.is_file():
-            raise SystemExit(f"WikiText-2 not found at {WIKITEXT} (../shared is absent)")
+        text = wikitext_part(1, 2)
         WIKI_CALIB.parent.mkdir(parents=True, exist_ok=True)
-        WIKI_CALIB.write_text(second_quarter(), encoding="utf-8")
+        WIKI_CALIB.write_text(text, encoding="utf-8")
         return WIKI_CALIB
     if not SELF_CALIB.is_file():
         SELF_CALIB.parent.mkdir(parents=True, exist_ok=True)
@@ -76,40 +75,39 @@ def add_calib_arg(ap: Any) -> None:
     )
 
 
-def wikitext_ids(tok: Any) -> torch.Tensor:
+def wikitext_part(first: int = 0, last: int = 4) -> str:
+    """Quarters ``first`` to ``last`` of wiki.test.raw, by characters (the perplexity
+    protocol reads the first, the held-out windows the second half)."""
     if not WIKITEXT.is_file():
         raise SystemExit(f"WikiText-2 not found at {WIKITEXT} (../shared is absent)")
     text = WIKITEXT.read_text(encoding="utf-8")
+    return text[len(text) * first // 4 : len(text) * last // 4]
+
+
+def token_ids(tok: Any, text: str) -> torch.Tensor:
     return torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def wikitext_ids(tok: Any) -> torch.Tensor:
+    return token_ids(tok, wikitext_part())
 
 
 def quarter_ids(tok: Any) -> torch.Tensor:
     """The first 20 windows of 2048 tokens of the first quarter of wiki.test.raw."""
-    text = WIKITEXT.read_text(encoding="utf-8")
-    ids = tok(text[: len(text) // 4], add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids[: QUARTER_WINDOWS * WINDOW])
-
-
-def second_quarter() -> str:
-    text = WIKITEXT.read_text(encoding="utf-8")
-    return text[len(text) // 4 : len(text) // 2]
+    return token_ids(tok, wikitext_part(0, 1))[: QUARTER_WINDOWS * WINDOW]
 
 
 def second_quarter_windows(tok: Any, seq_len: int) -> torch.Tensor:
     """The second quarter of wiki.test.raw in windows of ``seq_len`` tokens: WikiText
     text that neither the perplexity quarter nor the held-out half holds."""
-    ids = torch.tensor(tok(second_quarter(), add_special_tokens=False, verbose=False)["input_ids"])
+    ids = token_ids(tok, wikitext_part(1, 2))
     n = ids.numel() // seq_len
     return ids[: n * seq_len].view(n, seq_len)
 
 
 def heldout_windows(tok: Any, n: int, seq_len: int = 512) -> torch.Tensor:
     """``n`` windows from the second half of wiki.test.raw (the quarter is the first)."""
-    text = WIKITEXT.read_text(encoding="utf-8")
-    ids = torch.tensor(
-        tok(text[len(text) // 2 :], add_special_tokens=False, verbose=False)["input_ids"]
-    )
-    return ids[: n * seq_len].view(n, seq_len)
+    return token_ids(tok, wikitext_part(2, 4))[: n * seq_len].view(n, seq_len)
 
 
 @torch.no_grad()
