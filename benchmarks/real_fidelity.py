@@ -130,6 +130,8 @@ def bootstrap_spearman(pred: list[float], kls: list[float], n: int = 2000) -> li
         i = rng.integers(0, len(p), len(p))
         if len(np.unique(i)) > 3:
             stats.append(float(spearmanr(p[i], k[i]).statistic))
+    if not stats:  # too few allocations to resample (fewer than 4)
+        return [float("nan"), float("nan")]
     return [float(v) for v in np.nanpercentile(stats, [5, 95])]
 
 
