@@ -211,6 +211,64 @@ def allocations(state: Any, count: int, level: str) -> list[tuple[np.ndarray, np
     return out
 
 
+def relinearized(
+    state: Any,
+    cfg: Any,
+    fp: Any,
+    adapter: Any,
+    calib: Any,
+    hessians: Any,
+    alpha: float,
+    budget: float,
+) -> Any:
+    """The state with its profile's backward passes taken at the model quantized a
+    fraction ``alpha`` of the way to the QP's choice at ``budget`` (weights
+    W + alpha (Q - W)): the Gauss-Newton curvature at the midpoint of the path
+    (alpha 0.5) instead of at full precision. The probes' errors stay those of the
+    full-precision weights."""
+    import tempfile
+
+    from lwq.method.reverse import profile_windows, reverse_profile
+    from lwq.method.sensitivity import Delta, DeltaStore, probe_levels
+    from lwq.method.state import allocate, probe_settings
+    from lwq.quant.layer import quantize_layer, quantize_together
+
+    alloc = allocate(state, cfg, budget)
+    families = alloc.families or (0,) * len(state.names)
+    settings = probe_settings(cfg)
+    levels = probe_levels(settings)
+    gptq = cfg.gptq.settings()
+    model = copy.deepcopy(fp)
+    modules = dict(adapter.iter_layers(model))
+    work = tempfile.TemporaryDirectory(prefix="lwq-relin-")
+    probes = DeltaStore(Path(work.name))
+    t = time.perf_counter()
+    for i, name in enumerate(state.names):
+        W, H = adapter.read_weight(modules[name]), hessians.get(name)
+        jobs = [state.job(name, r, f) for f in range(state.n_families) for r in levels]
+        errors = quantize_together([W] * len(jobs), H, jobs, gptq)
+        probes.put(name, [Delta.of(W - q) for q in errors])
+        job = state.job(name, float(alloc.ratios[i]), int(families[i]))
+        q = quantize_layer(W, H, job, gptq).weight.dequantize()
+        adapter.write_weight(modules[name], W + alpha * (q - W))
+    print(f"relinearize: probes and the choice's weights {time.perf_counter() - t:.0f} s")
+    m = cfg.method
+    ids = profile_windows(calib.input_ids, m.profile_samples, m.profile_seq_len, cfg.calib.seed)
+    profile = reverse_profile(
+        model,
+        adapter,
+        ids,
+        probes,
+        list(state.names),
+        settings,
+        calib.sha256,
+        True,
+        families=state.n_families,
+    )
+    work.cleanup()
+    return dataclasses.replace(state, profile=profile)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--profile", choices=["reverse", "forward"], default="reverse")
@@ -275,6 +333,13 @@ def main() -> None:
         help="take the method's state and Hessians an earlier run of the same settings "
         "saved in --work (state-seedS) instead of preparing them again",
     )
+    ap.add_argument(
+        "--relinearize",
+        type=float,
+        help="ALPHA: take the profile's backward passes at the model quantized ALPHA of the "
+        "way to the QP's choice at the first --qp budget (0.5: the midpoint), not at full "
+        "precision; saved as state-seedS-relinALPHA in --work",
+    )
     add_calib_arg(ap)
     args = ap.parse_args()
     if args.compare:
@@ -327,6 +392,12 @@ def main() -> None:
     prepare_s = time.perf_counter() - t
     print(f"prepare {prepare_s:.0f} s {state.seconds}", flush=True)
     hessians = HessianStore.open(args.work / "hessians")
+    if args.relinearize is not None:
+        t = time.perf_counter()
+        budget = args.qp[0] if args.qp else 3.0
+        state = relinearized(state, cfg, fp, adapter, calib, hessians, args.relinearize, budget)
+        save_state(state, args.work / f"state-seed{args.seed}-relin{args.relinearize}")
+        print(f"relinearized profile {time.perf_counter() - t:.0f} s", flush=True)
     windows = heldout_windows(tok, args.windows)
     ref = reference_logprobs(fp, windows)
     profile = state.profile
