@@ -282,6 +282,12 @@ def main() -> None:
         "--lo-bits); levels: spread or bits:B",
     )
     ap.add_argument("--r-max", type=float, default=0.3, help="method.r_max of the allocations")
+    ap.add_argument(
+        "--r-mid",
+        type=float,
+        default=0.03,
+        help="method.r_mid: the ratio of the third probe, which fits each layer's curve",
+    )
     ap.add_argument("--clip", choices=["minmax", "mse"], default="mse", help="gptq.clip")
     ap.add_argument("--levels", nargs="+", default=["spread", "0.1", "0.03"])
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
@@ -355,7 +361,7 @@ def main() -> None:
     torch.manual_seed(0)
     path = model_dir()
     budget = 3.0 if args.lo_bits == 2 else 3.5  # any budget the grids reach: not used here
-    method: dict[str, Any] = {"budget": budget, "r_max": args.r_max}
+    method: dict[str, Any] = {"budget": budget, "r_max": args.r_max, "r_mid": args.r_mid}
     if args.bases:
         method["bases"] = [int(b) for b in args.bases.split(",")]
     else:
