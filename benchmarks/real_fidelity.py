@@ -400,8 +400,8 @@ def main() -> None:
     hessians = HessianStore.open(args.work / "hessians")
     if args.relinearize is not None:
         t = time.perf_counter()
-        budget = args.qp[0] if args.qp else 3.0
-        state = relinearized(state, cfg, fp, adapter, calib, hessians, args.relinearize, budget)
+        at = args.qp[0] if args.qp else 3.0  # the budget whose QP choice sets the point
+        state = relinearized(state, cfg, fp, adapter, calib, hessians, args.relinearize, at)
         save_state(state, args.work / f"state-seed{args.seed}-relin{args.relinearize}")
         print(f"relinearized profile {time.perf_counter() - t:.0f} s", flush=True)
     windows = heldout_windows(tok, args.windows)
