@@ -175,6 +175,22 @@ def compare(paths: list[Path]) -> None:
             )
 
 
+def scaled_to(
+    state: Any, families: np.ndarray, ratios: np.ndarray, target: float
+) -> np.ndarray | None:
+    """``ratios`` times the factor that puts layers on bases ``families`` at ``target``
+    bits per weight (capped at r_max); None if no factor reaches it."""
+    costs, r_max = state.options(families.tolist())[1], state.profile.r_max
+    lo, hi = 0.0, r_max / max(float(ratios.min()), 1e-6)
+    if not mean_bits(costs, ratios * lo, r_max) <= target <= mean_bits(costs, ratios * hi, r_max):
+        return None
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        below = mean_bits(costs, ratios * mid, r_max) <= target
+        lo, hi = (mid, hi) if below else (lo, mid)
+    return np.minimum(r_max, ratios * lo)
+
+
 def allocations(state: Any, count: int, level: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """``count`` random (bases, ratios) of ``level``: spread, a mean ratio (one base) or
     ``bits:B`` (several bases: every allocation at B bits per weight), seeded."""
@@ -193,19 +209,10 @@ def allocations(state: Any, count: int, level: str) -> list[tuple[np.ndarray, np
         lv = r_max * (0.05 + 0.6 * spread) if target is None else 0.05
         ratios = np.clip(lv * rng.lognormal(0.0, 0.8, n), 0.0, r_max)
         if target is not None:
-            costs = state.options(families.tolist())[1]
-            lo, hi = 0.0, r_max / max(float(ratios.min()), 1e-6)
-            if (
-                not mean_bits(costs, ratios * lo, r_max)
-                <= target
-                <= mean_bits(costs, ratios * hi, r_max)
-            ):
+            scaled = scaled_to(state, families, ratios, target)
+            if scaled is None:
                 continue  # these bases alone miss the target: draw again
-            for _ in range(40):
-                mid = 0.5 * (lo + hi)
-                below = mean_bits(costs, ratios * mid, r_max) <= target
-                lo, hi = (mid, hi) if below else (lo, mid)
-            ratios = np.minimum(r_max, ratios * lo)
+            ratios = scaled
         out.append((families, ratios))
     rng.shuffle(out)  # type: ignore[arg-type]
     return out
@@ -267,6 +274,132 @@ def relinearized(
     )
     work.cleanup()
     return dataclasses.replace(state, profile=profile)
+
+
+def exact_predictions(
+    state: Any,
+    cfg: Any,
+    fp: Any,
+    adapter: Any,
+    calib: Any,
+    hessians: Any,
+    allocs: list[tuple[np.ndarray, np.ndarray]],
+    work: Path,
+) -> dict[str, list[float]]:
+    """The profile's second-order prediction of each allocation taken along its own
+    errors, not through the probes' curves: every layer is quantized at each
+    allocation's base and ratio (parallel mode, one GPTQ pass per layer and base for
+    all allocations), and the backward passes of the profile (its sequences and
+    sampled labels) give <dL_s/dW_i, dW_i> for each. With X_a(s) the sum over layers,
+    the joint prediction is 1/2 sum_s X_a(s)^2 / tokens (every cross term, unshrunk),
+    the diagonal one keeps each layer's own square, and the shrunk one pulls the cross
+    terms towards zero by the profile's own factor. The probes' errors ride along, so
+    the profile rebuilt from the same passes checks that the samples are the state's.
+    The samples D (sequences, layers, allocations + probes) are saved in ``work``."""
+    import tempfile
+
+    from lwq.method.reverse import directional_samples, profile_from_samples, profile_windows
+    from lwq.method.sensitivity import Delta, DeltaStore, probe_levels
+    from lwq.method.state import probe_settings
+    from lwq.quant.layer import quantize_together
+
+    settings = probe_settings(cfg)
+    levels = probe_levels(settings)
+    F, N = state.n_families, len(state.names)
+    gptq = cfg.gptq.settings()
+    modules = dict(adapter.iter_layers(fp))
+    tmp = tempfile.TemporaryDirectory(prefix="lwq-exact-", dir=work)
+    store = DeltaStore(Path(tmp.name))
+    t = time.perf_counter()
+    for i, name in enumerate(state.names):
+        W, H = adapter.read_weight(modules[name]), hessians.get(name)
+        jobs = [state.job(name, float(r[i]), int(f[i])) for f, r in allocs]
+        jobs += [state.job(name, r, f) for f in range(F) for r in levels]
+        store.put(
+            name, [Delta.of(W - q) for q in quantize_together([W] * len(jobs), H, jobs, gptq)]
+        )
+    print(f"exact: every allocation's errors {time.perf_counter() - t:.0f} s", flush=True)
+    t = time.perf_counter()
+    m = cfg.method
+    ids = profile_windows(calib.input_ids, m.profile_samples, m.profile_seq_len, cfg.calib.seed)
+    n = len(allocs) + F * len(levels)
+    D = directional_samples(
+        fp, adapter, ids, store, list(state.names), n, settings.seed, True, 2048
+    )
+    print(f"exact: backward passes {time.perf_counter() - t:.0f} s", flush=True)
+    tmp.cleanup()
+    torch.save(D, work / "exact-samples.pt")
+    S, T = ids.shape
+    probes = D[:, :, len(allocs) :].reshape(S, N, F, -1).transpose(1, 2).reshape(S, F * N, -1)
+    rebuilt = profile_from_samples(probes, list(state.names) * F, settings, T, calib.sha256, 0.0)
+    X = D[:, :, : len(allocs)]  # (S, N, allocations)
+    joint = 0.5 * X.sum(dim=1).square().sum(dim=0) / (S * T)
+    diag = 0.5 * X.square().sum(dim=(0, 1)) / (S * T)
+    shrink = state.profile.probe.shrinkage if state.profile.probe else 0.0
+    return {
+        "exact_joint": joint.tolist(),
+        "exact_diagonal": diag.tolist(),
+        "exact_shrunk": (diag + (1.0 - shrink) * (joint - diag)).tolist(),
+        "rebuilt_full": [
+            dataclasses.replace(state, profile=rebuilt)
+            .options(f.tolist())[0]
+            .predicted_loss(r.tolist(), "full")
+            for f, r in allocs
+        ],
+    }
+
+
+def jittered(
+    state: Any,
+    drawn: list[tuple[np.ndarray, np.ndarray]],
+    rows: list[dict[str, Any]],
+    target: float,
+    jitter: list[float],
+    measure: Any,
+) -> dict[str, Any]:
+    """The first K allocations measured again with their ratios shaken (each times a
+    lognormal factor of width SIGMA, rescaled to ``target`` bits, bases kept): the
+    change of measured KL against the spread of KL across allocations. A predictor
+    that sees only a smooth function of the allocation cannot correlate with the
+    measured KL beyond the square root of this retest reliability."""
+    sigma, k = jitter[0], int(jitter[1])
+    rng = np.random.default_rng(1)
+    out: list[dict[str, Any]] = []
+    for (families, ratios), row in list(zip(drawn, rows, strict=True))[:k]:
+        t = time.perf_counter()
+        shaken = scaled_to(state, families, ratios * rng.lognormal(0.0, sigma, len(ratios)), target)
+        assert shaken is not None  # a small change of ratios that met the target
+        per_window = measure(families, shaken)
+        out.append(
+            {"kl": row["kl"], "pred_full": row["pred_full"]}
+            | {"kl_jitter": float(np.mean(per_window)), "kl_windows_jitter": per_window}
+            | {"pred_jitter": state.options(families.tolist())[0].predicted_loss(shaken.tolist())}
+        )
+        print(
+            f"jitter: KL {row['kl']:.4f} -> {out[-1]['kl_jitter']:.4f} "
+            f"({time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
+    kl = np.array([r["kl"] for r in out])
+    again = np.array([r["kl_jitter"] for r in out])
+    spread = float(np.var(np.concatenate([kl, again]), ddof=1))
+    retest = 1.0 - float(np.var(again - kl, ddof=1)) / (2.0 * spread)
+    res = {
+        "sigma": sigma,
+        "rows": out,
+        "pearson": float(np.corrcoef(kl, again)[0, 1]),
+        "spearman": float(spearmanr(kl, again).statistic),
+        "retest_reliability": retest,
+        "ceiling": float(np.sqrt(max(retest, 0.0))),
+        "pred_change_over_kl_change": float(
+            np.median(np.abs([r["pred_jitter"] - r["pred_full"] for r in out]) / np.abs(again - kl))
+        ),
+    }
+    print(
+        f"jitter {sigma}: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in res.items() if k not in ("rows", "sigma"))
+    )
+    return res
 
 
 def main() -> None:
@@ -345,6 +478,22 @@ def main() -> None:
         help="ALPHA: take the profile's backward passes at the model quantized ALPHA of the "
         "way to the QP's choice at the first --qp budget (0.5: the midpoint), not at full "
         "precision; saved as state-seedS-relinALPHA in --work",
+    )
+    ap.add_argument(
+        "--exact",
+        action="store_true",
+        help="also predict each allocation along its own errors (every layer quantized at "
+        "its ratio, the profile's backward passes dotted with those errors): the "
+        "second-order model without the probes' curves; the samples go to --work",
+    )
+    ap.add_argument(
+        "--jitter",
+        type=float,
+        nargs=2,
+        metavar=("SIGMA", "K"),
+        help="measure the first K allocations of each bits:B family again with every ratio "
+        "times a lognormal factor of width SIGMA, rescaled to the same bits: how far the "
+        "measured KL is a smooth function of the allocation (its retest reliability)",
     )
     add_calib_arg(ap)
     args = ap.parse_args()
@@ -450,7 +599,11 @@ def main() -> None:
         save()
     for level in args.levels:
         rows: list[dict[str, Any]] = []
-        for k, (families, ratios) in enumerate(allocations(state, args.n_allocs, level)):
+        drawn = allocations(state, args.n_allocs, level)
+        exact: dict[str, list[float]] = {}
+        if args.exact:
+            exact = exact_predictions(state, cfg, fp, adapter, calib, hessians, drawn, args.work)
+        for k, (families, ratios) in enumerate(drawn):
             t = time.perf_counter()
             key = alloc_key(int(np.count_nonzero(families)), float(np.mean(ratios)))
             per_window: list[float] = []
@@ -465,6 +618,7 @@ def main() -> None:
             chord = dataclasses.replace(prof, gamma=None).predicted_loss(ratios.tolist(), "full")
             rows.append(
                 {"bits": bits / sum(c.n for c in costs), "pred_chord": chord}
+                | {f"pred_{kind}": v[k] for kind, v in exact.items()}
                 | described(state, families, ratios, kl, per_window)
             )
             print(
@@ -473,12 +627,28 @@ def main() -> None:
                 flush=True,
             )
         fam: dict[str, Any] = {"family": level, "rows": rows}
-        for obj in ("full", "diagonal", "chord"):
+        for obj in ("full", "diagonal", "chord", *exact):
             pred = [r[f"pred_{obj}"] for r in rows]
             kls = [r["kl"] for r in rows]
             fam[f"spearman_{obj}"] = float(spearmanr(pred, kls).statistic)
             fam[f"pred_over_kl_{obj}"] = float(np.median(np.array(pred) / np.array(kls)))
             fam[f"spearman_{obj}_90"] = bootstrap_spearman(pred, kls)
+        for kind in exact:
+            print(f"{level}: Spearman {kind} {fam[f'spearman_{kind}']:.3f}", flush=True)
+        if exact:  # the rebuilt profile against the state's: the same samples?
+            state_pred, rebuilt = np.array([r["pred_full"] for r in rows]), exact["rebuilt_full"]
+            fam["rebuilt_vs_state"] = float(spearmanr(state_pred, rebuilt).statistic)
+            fam["rebuilt_over_state"] = float(np.median(np.array(rebuilt) / state_pred))
+            print(
+                f"{level}: rebuilt profile against the state's: Spearman "
+                f"{fam['rebuilt_vs_state']:.4f}, ratio {fam['rebuilt_over_state']:.4f}",
+                flush=True,
+            )
+        if args.jitter and level.startswith("bits:"):
+            fam["jitter"] = jittered(
+                state, drawn, rows, float(level.removeprefix("bits:")), args.jitter, measure
+            )
+            save()
         if all(len(r.get("kl_windows", [])) >= 16 for r in rows):
             fam["reliability"] = measurement_reliability(rows, [r["pred_full"] for r in rows])
             print(f"{level}: measured side {fam['reliability']}", flush=True)

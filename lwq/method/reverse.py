@@ -163,6 +163,58 @@ def _head_gradient(
     return grad.view_as(hidden)
 
 
+def directional_samples(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    tokens: torch.Tensor,
+    probes: Mapping[str, Sequence[Delta]],
+    names: Sequence[str],
+    n_probes: int,
+    seed: int,
+    progress: bool = True,
+    pass_tokens: int = PASS_TOKENS,
+) -> torch.Tensor:
+    """D (S, N, n_probes): <dL_s/dW_i, dW_i> for every sequence s of ``tokens`` (S, T),
+    layer i of ``names`` and each of its ``n_probes`` errors in ``probes``, the labels
+    sampled from the model (generator seeded with ``seed``; the draws do not depend
+    on ``pass_tokens``, the tokens per backward pass). The model is left as it was
+    (its parameters' ``requires_grad`` restored)."""
+    modules = dict(adapter.iter_layers(model))
+    device = next(model.parameters()).device
+    S, T = tokens.shape
+    N = len(names)
+    D = torch.zeros(S, N, n_probes, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    per_batch = max(1, pass_tokens // T)
+    starts = range(0, S, per_batch)
+    release()  # what the calibration pass freed goes back to the OS first
+    handle = _embedding_requires_grad(model)
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with _LayerGradients({n: modules[n] for n in names}, probes, names) as hooks:
+            for start in tqdm(starts, desc="profile (reverse)", disable=not progress):
+                ids = tokens[start : start + per_batch].to(device)
+                hooks.D = torch.zeros(ids.shape[0], N, n_probes, dtype=torch.float64)
+                with torch.enable_grad():
+                    base: Any = model.base_model
+                    hidden = base(input_ids=ids, use_cache=False).last_hidden_state
+                    grad = _head_gradient(model, adapter, hidden, gen)
+                    hidden.backward(grad)
+                if not torch.isfinite(hooks.D).all():
+                    raise NumericalError("NaN or inf in the reverse-mode sensitivity profile")
+                D[start : start + ids.shape[0]] = hooks.D
+                del hidden, grad
+                trim()
+    finally:
+        handle.remove()
+        for p, flag in zip(params, was, strict=True):
+            p.requires_grad_(flag)
+    return D
+
+
 def reverse_profile(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -183,40 +235,12 @@ def reverse_profile(
     parameters' ``requires_grad`` restored).
     """
     t0 = time.perf_counter()
-    levels = probe_levels(settings) * families
-    modules = dict(adapter.iter_layers(model))
-    device = next(model.parameters()).device
+    n_levels = len(probe_levels(settings)) * families
+    D = directional_samples(
+        model, adapter, tokens, probes, names, n_levels, settings.seed, progress
+    )
     S, T = tokens.shape
     N = len(names)
-    D = torch.zeros(S, N, len(levels), dtype=torch.float64)
-    gen = torch.Generator().manual_seed(settings.seed)
-    params = list(model.parameters())
-    was = [p.requires_grad for p in params]
-    per_batch = max(1, PASS_TOKENS // T)
-    starts = range(0, S, per_batch)
-    release()  # what the calibration pass freed goes back to the OS first
-    handle = _embedding_requires_grad(model)
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with _LayerGradients({n: modules[n] for n in names}, probes, names) as hooks:
-            for start in tqdm(starts, desc="profile (reverse)", disable=not progress):
-                ids = tokens[start : start + per_batch].to(device)
-                hooks.D = torch.zeros(ids.shape[0], N, len(levels), dtype=torch.float64)
-                with torch.enable_grad():
-                    base: Any = model.base_model
-                    hidden = base(input_ids=ids, use_cache=False).last_hidden_state
-                    grad = _head_gradient(model, adapter, hidden, gen)
-                    hidden.backward(grad)
-                if not torch.isfinite(hooks.D).all():
-                    raise NumericalError("NaN or inf in the reverse-mode sensitivity profile")
-                D[start : start + ids.shape[0]] = hooks.D
-                del hidden, grad
-                trim()
-    finally:
-        handle.remove()
-        for p, flag in zip(params, was, strict=True):
-            p.requires_grad_(flag)
     if families > 1:  # (S, N, F levels) -> (S, F N, levels): one row per option
         D = D.view(S, N, families, -1).transpose(1, 2).reshape(S, families * N, -1)
         names = names * families
