@@ -20,6 +20,9 @@ With ``--windows 16`` or more the per-window KLs are kept and the measured side'
 reliability is printed (Spearman between the KLs on the even and the odd
 windows); ``--seed S --reuse-kl FILE`` predicts the same allocations by a profile
 of another draw, and ``--compare FILES`` sets saved results side by side.
+``--exact`` also predicts each allocation along its own errors (the quadratic
+model without the probes' curves), and ``--jitter SIGMA K`` measures K
+allocations again with their ratios shaken: how stable the measured KL is.
 
     python benchmarks/real_fidelity.py --profile-samples 256 --profile-seq-len 128
     python benchmarks/real_fidelity.py --bases 2,3 --levels spread bits:3.0
