@@ -176,8 +176,9 @@ def directional_samples(
 ) -> torch.Tensor:
     """D (S, N, n_probes): <dL_s/dW_i, dW_i> for every sequence s of ``tokens`` (S, T),
     layer i of ``names`` and each of its ``n_probes`` errors in ``probes``, the labels
-    sampled from the model (generator seeded with ``seed``; the draws do not depend
-    on ``pass_tokens``, the tokens per backward pass). The model is left as it was
+    sampled from the model (generator seeded with ``seed``; when T is a multiple of
+    ``HEAD_CHUNK`` the draws do not depend on ``pass_tokens``, the tokens per
+    backward pass). The model is left as it was
     (its parameters' ``requires_grad`` restored)."""
     modules = dict(adapter.iter_layers(model))
     device = next(model.parameters()).device

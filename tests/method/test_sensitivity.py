@@ -153,6 +153,34 @@ def test_reverse_mode_estimates_the_forward_gram_matrices() -> None:
     assert float(rev.AtA.diagonal().min()) > 0
 
 
+def test_directional_samples_are_linear_and_independent_of_the_pass_size() -> None:
+    """<dL_s/dW_i, dW_i> is linear in the error (what predicting an allocation along
+    its own errors relies on), and the tokens per backward pass change nothing."""
+    from tiny_models import tiny_model
+
+    from lwq.method.reverse import HEAD_CHUNK, directional_samples
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    names = adapter.layer_names(model)[:3]
+    modules = dict(adapter.iter_layers(model))
+    gen = torch.Generator().manual_seed(0)
+    probes = {}
+    for n in names:
+        W = adapter.read_weight(modules[n])
+        a, b = (Delta.of(0.02 * torch.randn(W.shape, generator=gen)) for _ in range(2))
+        probes[n] = [a, b, Delta.of(a.dense() + b.dense())]
+    ids = torch.randint(0, 96, (6, HEAD_CHUNK), generator=gen)
+    flags = [p.requires_grad for p in model.parameters()]
+    one = directional_samples(model, adapter, ids, probes, names, 3, 5, False, HEAD_CHUNK)
+    three = directional_samples(model, adapter, ids, probes, names, 3, 5, False, 3 * HEAD_CHUNK)
+    assert one.shape == (6, 3, 3) and float(one.abs().max()) > 0
+    torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-6)
+    scale = float(one.abs().max())
+    assert float((one[:, :, 0] + one[:, :, 1] - one[:, :, 2]).abs().max()) < 0.02 * scale
+    assert [p.requires_grad for p in model.parameters()] == flags  # the model left as it was
+
+
 def test_probe_errors_round_trip_through_their_file(tmp_path: Path) -> None:
     from lwq.method.sensitivity import DeltaStore
 
