@@ -400,7 +400,7 @@ def jittered(
     }
     print(
         f"jitter {sigma}: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in res.items() if k not in ("rows", "sigma"))
+        + ", ".join(f"{key} {v:.3f}" for key, v in res.items() if key not in ("rows", "sigma"))
     )
     return res
 
