@@ -221,6 +221,25 @@ def allocations(state: Any, count: int, level: str) -> list[tuple[np.ndarray, np
     return out
 
 
+def layer_errors(
+    state: Any,
+    name: str,
+    W: torch.Tensor,
+    H: torch.Tensor,
+    gptq: Any,
+    levels: tuple[float, ...],
+    jobs: list[Any],
+) -> list[Any]:
+    """The errors W - Q (as ``Delta``) of ``jobs`` on layer ``name``, then of every
+    base's probe ``levels`` (the order the profile's probes take), from one GPTQ pass
+    per low grid."""
+    from lwq.method.sensitivity import Delta
+    from lwq.quant.layer import quantize_together
+
+    jobs = jobs + [state.job(name, r, f) for f in range(state.n_families) for r in levels]
+    return [Delta.of(W - q) for q in quantize_together([W] * len(jobs), H, jobs, gptq)]
+
+
 def relinearized(
     state: Any,
     cfg: Any,
@@ -239,9 +258,9 @@ def relinearized(
     import tempfile
 
     from lwq.method.reverse import profile_windows, reverse_profile
-    from lwq.method.sensitivity import Delta, DeltaStore, probe_levels
+    from lwq.method.sensitivity import DeltaStore, probe_levels
     from lwq.method.state import allocate, probe_settings
-    from lwq.quant.layer import quantize_layer, quantize_together
+    from lwq.quant.layer import quantize_layer
 
     alloc = allocate(state, cfg, budget)
     families = alloc.families or (0,) * len(state.names)
@@ -255,9 +274,7 @@ def relinearized(
     t = time.perf_counter()
     for i, name in enumerate(state.names):
         W, H = adapter.read_weight(modules[name]), hessians.get(name)
-        jobs = [state.job(name, r, f) for f in range(state.n_families) for r in levels]
-        errors = quantize_together([W] * len(jobs), H, jobs, gptq)
-        probes.put(name, [Delta.of(W - q) for q in errors])
+        probes.put(name, layer_errors(state, name, W, H, gptq, levels, []))
         job = state.job(name, float(alloc.ratios[i]), int(families[i]))
         q = quantize_layer(W, H, job, gptq).weight.dequantize()
         adapter.write_weight(modules[name], W + alpha * (q - W))
@@ -302,13 +319,12 @@ def exact_predictions(
     import tempfile
 
     from lwq.method.reverse import directional_samples, profile_from_samples, profile_windows
-    from lwq.method.sensitivity import Delta, DeltaStore, probe_levels
+    from lwq.method.sensitivity import DeltaStore, probe_levels
     from lwq.method.state import probe_settings
-    from lwq.quant.layer import quantize_together
 
     settings = probe_settings(cfg)
     levels = probe_levels(settings)
-    F, N = state.n_families, len(state.names)
+    F = state.n_families
     gptq = cfg.gptq.settings()
     modules = dict(adapter.iter_layers(fp))
     tmp = tempfile.TemporaryDirectory(prefix="lwq-exact-", dir=work)
@@ -317,10 +333,7 @@ def exact_predictions(
     for i, name in enumerate(state.names):
         W, H = adapter.read_weight(modules[name]), hessians.get(name)
         jobs = [state.job(name, float(r[i]), int(f[i])) for f, r in allocs]
-        jobs += [state.job(name, r, f) for f in range(F) for r in levels]
-        store.put(
-            name, [Delta.of(W - q) for q in quantize_together([W] * len(jobs), H, jobs, gptq)]
-        )
+        store.put(name, layer_errors(state, name, W, H, gptq, levels, jobs))
     print(f"exact: every allocation's errors {time.perf_counter() - t:.0f} s", flush=True)
     t = time.perf_counter()
     m = cfg.method
@@ -333,8 +346,8 @@ def exact_predictions(
     tmp.cleanup()
     torch.save(D, work / "exact-samples.pt")
     S, T = ids.shape
-    probes = D[:, :, len(allocs) :].reshape(S, N, F, -1).transpose(1, 2).reshape(S, F * N, -1)
-    rebuilt = profile_from_samples(probes, list(state.names) * F, settings, T, calib.sha256, 0.0)
+    probes = D[:, :, len(allocs) :]
+    rebuilt = profile_from_samples(probes, state.names, settings, T, calib.sha256, 0.0, F)
     X = D[:, :, : len(allocs)]  # (S, N, allocations)
     joint = 0.5 * X.sum(dim=1).square().sum(dim=0) / (S * T)
     diag = 0.5 * X.square().sum(dim=(0, 1)) / (S * T)

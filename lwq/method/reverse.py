@@ -178,8 +178,8 @@ def directional_samples(
     layer i of ``names`` and each of its ``n_probes`` errors in ``probes``, the labels
     sampled from the model (generator seeded with ``seed``; when T is a multiple of
     ``HEAD_CHUNK`` the draws do not depend on ``pass_tokens``, the tokens per
-    backward pass). The model is left as it was
-    (its parameters' ``requires_grad`` restored)."""
+    backward pass). The model is left as it was (its parameters' ``requires_grad``
+    restored)."""
     modules = dict(adapter.iter_layers(model))
     device = next(model.parameters()).device
     S, T = tokens.shape
@@ -240,12 +240,10 @@ def reverse_profile(
     D = directional_samples(
         model, adapter, tokens, probes, names, n_levels, settings.seed, progress
     )
-    S, T = tokens.shape
-    N = len(names)
-    if families > 1:  # (S, N, F levels) -> (S, F N, levels): one row per option
-        D = D.view(S, N, families, -1).transpose(1, 2).reshape(S, families * N, -1)
-        names = names * families
-    return profile_from_samples(D, names, settings, T, calib_sha256, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return profile_from_samples(
+        D, names, settings, tokens.shape[1], calib_sha256, seconds, families
+    )
 
 
 def shrink_cross_layer(X: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, float]:
@@ -280,8 +278,15 @@ def profile_from_samples(
     seq_len: int,
     calib_sha256: str,
     seconds: float,
+    families: int = 1,
 ) -> SensitivityProfile:
-    """The profile from per-sequence directional derivatives D (S, N, levels)."""
+    """The profile from per-sequence directional derivatives D (S, N, levels) of layers
+    ``names``; with ``families`` bases each layer's levels hold every base's in turn,
+    and the profile has one row per (base, layer), base-major."""
+    if families > 1:  # (S, N, F levels) -> (S, F N, levels): one row per option
+        S, N, _ = D.shape
+        D = D.view(S, N, families, -1).transpose(1, 2).reshape(S, families * N, -1)
+        names = list(names) * families
     S, N, n_levels = D.shape
     A = D[:, :, 0]  # (S, N)
     B = (D[:, :, 0] - D[:, :, 1]) / settings.r_max
